@@ -1,0 +1,172 @@
+"""Focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017), softmax and sigmoid forms."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from segtrain.losses.base import (
+    LossParamError,
+    SegLoss,
+    check_length,
+    class_vector,
+    reduce_channels,
+    reduce_pixels,
+    register_loss,
+)
+from segtrain.losses.target import PreparedTarget
+
+
+class _SoftmaxFocal(torch.autograd.Function):
+    """Per-pixel softmax focal loss with an analytic backward.
+
+    Autograd through the plain formula keeps ~6 full (N, C, ...) tensors and walks
+    them several times; here the forward keeps only ``log_softmax`` and per-pixel
+    values, and the backward is one ``exp`` plus a scatter, like cross-entropy's.
+    With ``l = log p_t`` and ``L = -a (1 - p_t)^g l``:
+    ``dL/dl = -a (1 - p_t)^g (1 - g p_t l / (1 - p_t))`` and ``dl/dx_j = [j == t] - p_j``.
+    ``l / (1 - p_t)`` tends to -1 as ``p_t -> 1``, so the gradient stays finite for
+    ``g < 1`` on saturated logits, where the derivative of ``(1 - p)^g`` alone is infinite.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        logits: Tensor,
+        index: Tensor,
+        gamma: float,
+        alpha_t: Tensor | None,
+        valid: Tensor | None,
+    ) -> Tensor:
+        ctx.input_dtype = logits.dtype
+        # Half-precision logits are computed in float32 (as autocast does for cross-entropy).
+        log_probs = torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, 1)
+        log_p_t = log_probs.gather(1, index.unsqueeze(1)).squeeze(1)
+        one_minus_p_t = -torch.expm1(log_p_t)  # accurate where p_t is close to 1
+        if gamma == 0:
+            loss = -log_p_t
+            grad_log_p_t = torch.full_like(log_p_t, -1.0)
+        else:
+            modulator = one_minus_p_t.pow(gamma)
+            loss = -modulator * log_p_t
+            ratio = torch.where(one_minus_p_t > 0, log_p_t / one_minus_p_t, -1.0)  # the limit at p_t = 1
+            grad_log_p_t = -modulator * (1.0 - gamma * (1.0 - one_minus_p_t) * ratio)
+        if alpha_t is not None:
+            loss = loss * alpha_t
+            grad_log_p_t = grad_log_p_t * alpha_t
+        if valid is not None:
+            loss = loss.masked_fill(~valid, 0.0)
+            grad_log_p_t = grad_log_p_t.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(log_probs, index, grad_log_p_t)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        log_probs, index, grad_log_p_t = ctx.saved_tensors
+        coefficient = (grad_loss * grad_log_p_t).unsqueeze(1)
+        grad = log_probs.exp()
+        grad.mul_(-coefficient)  # -coef * p_j for every class ...
+        grad.scatter_add_(1, index.unsqueeze(1), coefficient)  # ... + coef at the target class
+        return grad.to(ctx.input_dtype), None, None, None, None
+
+
+def softmax_focal_loss(
+    logits: Tensor, index: Tensor, gamma: float, alpha_t: Tensor | None = None, valid: Tensor | None = None
+) -> Tensor:
+    """Per-pixel softmax focal loss ``(N, *spatial)``; ``index`` must hold valid classes (ignored pixels set to any
+    class and left out through ``valid``), ``alpha_t`` is the alpha of each pixel's target class."""
+    return _SoftmaxFocal.apply(logits, index, float(gamma), alpha_t, valid)
+
+
+def sigmoid_focal_elements(logits: Tensor, dense: Tensor, gamma: float, alpha: Tensor | float | None) -> Tensor:
+    """Element-wise sigmoid focal loss, the values of ``torchvision.ops.sigmoid_focal_loss``.
+
+    Written with ``logsigmoid`` of the signed logit: ``(1 - p_t)^g = exp(g logsigmoid(-z))``
+    has a finite gradient everywhere, where torchvision's ``(1 - p_t) ** g`` gives NaN
+    for ``g < 1`` once ``p_t`` rounds to 1.
+    """
+    signed = logits * (2.0 * dense - 1.0)  # z with p_t = sigmoid(z)
+    loss = -F.logsigmoid(signed)
+    if gamma != 0:
+        loss = loss * torch.exp(gamma * F.logsigmoid(-signed))
+    if alpha is not None:
+        loss = loss * (alpha * dense + (1.0 - alpha) * (1.0 - dense))
+    return loss
+
+
+@register_loss("focal")
+class FocalLoss(SegLoss):
+    """Focal loss ``-alpha_t (1 - p_t)^gamma log p_t``.
+
+    ``activation=softmax`` (multi-class): computed from ``log_softmax`` (no clamping)
+    with a fused analytic backward; ``alpha`` is null, a scalar multiplier, or one
+    float per class (``auto``: median-frequency weights); with ``gamma=0`` and no
+    alpha it equals cross-entropy. ``activation=sigmoid``: binary (1 channel, target
+    == 1 positive) or multi-label (C channels, one-hot); per element it equals
+    ``torchvision.ops.sigmoid_focal_loss`` (``alpha`` in [0, 1] weights positives,
+    ``1 - alpha`` negatives; a list gives one alpha per channel).
+
+    Conventions: the softmax mean is over counted pixels, not pixels x classes, so
+    gamma=0 equals CE; the sigmoid mean is over the elements of counted pixels, as
+    torchvision and BCE. alpha multiplies the loss and never enters the mean's
+    denominator (as torchvision), whereas CE's class ``weight`` does (as torch).
+    """
+
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        alpha: float | list[float] | None = None,
+        activation: str = "softmax",
+        ignore_index: int | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(ignore_index, reduction)
+        if activation not in ("softmax", "sigmoid"):
+            raise LossParamError("loss.activation", f"{activation!r} is not one of softmax, sigmoid")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+            raise LossParamError("loss.gamma", f"{gamma!r} must be a number >= 0")
+        alpha = class_vector(alpha, "alpha", scalar_ok=True)
+        if alpha is not None:
+            values = torch.as_tensor(alpha)
+            upper = 1.0 if activation == "sigmoid" else float("inf")
+            if bool((values < 0).any() or (values > upper).any()):
+                limits = "[0, 1] (the weight of positives; negatives get 1 - alpha)" if upper == 1.0 else ">= 0"
+                raise LossParamError("loss.alpha", f"{_alpha_text(alpha)} must be in {limits}")
+        self.activation = activation
+        self.gamma = float(gamma)
+        self.sigmoid = activation == "sigmoid"
+        self.softmax = activation == "softmax"
+        self.scalar_alpha = alpha if isinstance(alpha, float) else None
+        self.register_buffer("alpha", alpha if isinstance(alpha, Tensor) else None, persistent=False)
+
+    @classmethod
+    def uses_sigmoid(cls, params: dict[str, Any]) -> bool:
+        return params.get("activation", "softmax") == "sigmoid"
+
+    def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
+        alpha: Tensor | float | None = self.scalar_alpha
+        if self.alpha is not None:
+            check_length(self, "alpha", self.alpha, logits.shape[1])
+            alpha = self.alpha.to(device=logits.device, dtype=logits.dtype)
+        if self.sigmoid:
+            if isinstance(alpha, Tensor):
+                alpha = alpha.view((-1,) + (1,) * (logits.dim() - 2))
+            elements = sigmoid_focal_elements(logits, target.dense(logits.dtype), self.gamma, alpha)
+            return reduce_channels(elements, target.valid, self.reduction, target.num_counted)
+        alpha_t = alpha[target.index] if isinstance(alpha, Tensor) else None
+        pixel_loss = softmax_focal_loss(logits, target.index, self.gamma, alpha_t, target.valid)
+        if isinstance(alpha, float):
+            pixel_loss = pixel_loss * alpha
+        denominator = None if target.valid is None else target.num_counted
+        return reduce_pixels(pixel_loss, self.reduction, denominator)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, activation={self.activation!r}, " + super().extra_repr()
+
+
+def _alpha_text(alpha: Tensor | float) -> str:
+    return f"{alpha.tolist() if isinstance(alpha, Tensor) else alpha}"

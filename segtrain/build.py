@@ -1,0 +1,196 @@
+"""The one place where a config becomes objects. Below this, components take plain arguments."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import hydra.utils
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from segtrain import losses
+from segtrain.devices import ConfigError, resolve_device
+from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
+from segtrain.task import output_channels
+
+log = logging.getLogger(__name__)
+
+# Dataset keys read by the framework (loader and task description), not by the dataset class.
+LOADER_KEYS = ("batch_size", "num_workers")
+
+
+@dataclass
+class Components:
+    device: torch.device
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    ignore_index: int | None
+    class_names: list[str]
+    total_steps: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_names(cfg: DictConfig) -> None:
+    """Fail before any work when a group names something no registry knows."""
+    for group, registry in (("model", MODELS), ("dataset", DATASETS), ("loss", LOSSES)):
+        node = cfg[group]
+        if "_target_" not in node:
+            if "name" not in node:
+                raise ConfigError(f"{group}: the config needs a `name` (one of {', '.join(registry.names())}) or a `_target_`")
+            registry.get(node.name)  # raises with the known names and a suggestion
+
+
+def instantiate(registry: Registry, node: dict[str, Any], **arguments: Any) -> Any:
+    """Build from ``name`` (a registry entry) or ``_target_`` (any importable class)."""
+    node = dict(node)
+    if "_target_" in node:
+        return hydra.utils.instantiate(node, **arguments)
+    return registry.get(node.pop("name"))(**node, **arguments)
+
+
+def build_datasets(dataset_cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    params = {key: value for key, value in dataset_cfg.items() if key not in LOADER_KEYS}
+    train_set = instantiate(DATASETS, params, split="train")
+    val_set = instantiate(DATASETS, params, split="val")
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        if len(dataset) == 0:
+            raise ConfigError(f"dataset={dataset_cfg.get('name')}: the {split} split is empty")
+    return train_set, val_set
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) > batch_size,  # no tiny last batch in training (BatchNorm)
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def class_pixel_counts(dataset: Dataset, num_classes: int, ignore_index: int | None) -> torch.Tensor:
+    """Pixels of each class over the masks of ``dataset`` (one pass), ignore index left out."""
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for index in range(len(dataset)):
+        mask = torch.as_tensor(dataset[index][1]).reshape(-1)
+        if ignore_index is not None:
+            mask = mask[mask != ignore_index]
+        counts += torch.bincount(mask.long(), minlength=num_classes)[:num_classes]
+    return counts
+
+
+def needs_training_masks(node: Any) -> bool:
+    """True when any loss parameter (in nested terms too) is ``auto``."""
+    if isinstance(node, dict):
+        return any(needs_training_masks(value) for value in node.values())
+    if isinstance(node, list):
+        return any(needs_training_masks(value) for value in node)
+    return node == "auto"
+
+
+def build_loss(loss_cfg: dict[str, Any], train_set: Dataset, num_classes: int, ignore_index: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    """The loss, and its parameters with every ``auto`` replaced by values from the training masks."""
+    if needs_training_masks(loss_cfg):
+        counts = class_pixel_counts(train_set, num_classes, ignore_index)
+        log.info("class pixel counts on the training masks: %s", counts.tolist())
+        loss_cfg = losses.resolve_auto(loss_cfg, counts, num_classes)
+        log.info("loss parameters with auto resolved: %s", loss_cfg)
+    if "_target_" in loss_cfg:
+        return hydra.utils.instantiate(loss_cfg), loss_cfg
+    return losses.build_loss(**loss_cfg), loss_cfg
+
+
+def build_model(model_cfg: dict[str, Any], out_channels: int) -> nn.Module:
+    params = {key: value for key, value in model_cfg.items() if key != "num_classes"}
+    return instantiate(MODELS, params, out_channels=out_channels)
+
+
+def build_scheduler(
+    scheduler_cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A torch scheduler stepped once per optimizer step, with an optional linear warm-up."""
+    params = dict(scheduler_cfg)
+    name = params.pop("name")
+    warmup_steps = int(params.pop("warmup_steps", 0) or 0)
+    decay_steps = max(1, total_steps - warmup_steps)
+    schedules: dict[str, Callable[[], torch.optim.lr_scheduler.LRScheduler]] = {
+        "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, decay_steps, eta_min=params.get("min_lr", 0.0)),
+        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(optimizer, decay_steps, power=params.get("power", 0.9)),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(
+            optimizer, max(1, int(params.get("step_epochs", 10)) * steps_per_epoch), gamma=params.get("gamma", 0.1)
+        ),
+    }
+    if name not in schedules:
+        raise ConfigError(f"scheduler={name}: unknown scheduler; known: {', '.join(sorted(schedules))}")
+    schedule = schedules[name]()
+    if warmup_steps <= 0:
+        return schedule
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, schedule], milestones=[warmup_steps])
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
+    """All objects of a run, and the config as run (``auto`` values resolved)."""
+    check_names(cfg)
+    device = resolve_device(OmegaConf.to_object(cfg.device_list) if cfg.device_list is not None else None)
+    seed_everything(cfg.seed)
+    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
+    train_set, val_set = build_datasets(dataset_cfg)
+    class_names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
+    if len(class_names) != num_classes:
+        raise ConfigError(f"dataset.class_names has {len(class_names)} names but dataset.num_classes={num_classes}")
+    loss_fn, loss_cfg = build_loss(OmegaConf.to_container(cfg.loss, resolve=True), train_set, num_classes, ignore_index)
+    out_channels = output_channels(num_classes, getattr(loss_fn, "sigmoid", False))
+    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), out_channels).to(device)
+    log.info(
+        "model: %s (%.2f M parameters, %d output channels for %d classes)",
+        cfg.model.get("name", cfg.model.get("_target_")), count_parameters(model) / 1e6, out_channels, num_classes,
+    )
+    log.info("loss: %s; dataset: %s (%d train, %d val samples)", loss_cfg.get("name", loss_cfg.get("_target_")), dataset_cfg.get("name"), len(train_set), len(val_set))
+    optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
+    train_loader = build_loader(train_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], True, cfg.seed, device)
+    val_loader = build_loader(val_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], False, cfg.seed, device)
+    steps_per_epoch = len(train_loader)
+    max_steps = cfg.trainer.max_steps
+    total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch
+    scheduler = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total_steps, steps_per_epoch)
+    run_cfg = cfg.copy()
+    with open_dict(run_cfg):
+        run_cfg.loss = loss_cfg
+    components = Components(
+        device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, ignore_index, class_names, total_steps
+    )
+    return components, run_cfg
+

@@ -1,12 +1,33 @@
-"""What a run leaves for its user: TensorBoard event files and ``metrics.json``."""
+"""What a run leaves for its user: TensorBoard event files and ``metrics.json``.
+
+TensorBoard gets, all at the global optimizer step so that curves line up:
+scalars (``train/...``, ``val/...``, ``system/...``), at each validation a picture of
+fixed validation samples and the confusion-matrix heatmap, the resolved config as
+text, and the HParams session (hyperparameters, overrides first, plus ``best_miou``,
+``final/mIoU`` and ``final/loss``) so that ``tensorboard --logdir <sweep dir>``
+compares the jobs of a sweep in one table.
+"""
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
+import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from segtrain import visualize
+
+# The HParams metrics: one column each in TensorBoard's HParams table.
+HPARAM_METRICS = ("best_miou", "final/mIoU", "final/loss")
+
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 def plain(value: Any) -> Any:
@@ -20,27 +41,134 @@ def plain(value: Any) -> Any:
     return value
 
 
+def timed(method: Method) -> Method:
+    """Add the wall time of each call to ``self.seconds``: logging's cost, measured in every run."""
+
+    @functools.wraps(method)
+    def wrapper(self: RunLog, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    return wrapper  # type: ignore[return-value]
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optimizer": {"lr": 0.1}}`` -> ``{"optimizer.lr": 0.1}``; lists become their JSON text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def hyperparameters(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """The run's hyperparameters for TensorBoard's HParams tab: the command-line overrides first, then the rest.
+
+    An override of a config group (``loss=focal``) appears under the group's name; an
+    override of a value appears under its key with the value as run. ``None`` becomes
+    ``"null"`` (HParams would drop it).
+    """
+    flat = flatten(config)
+    ordered: dict[str, Any] = {}
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        ordered[key] = flat.get(key, value)
+    ordered.update((key, value) for key, value in flat.items() if key not in ordered)
+    return {key: "null" if value is None else value for key, value in ordered.items()}
+
+
+def system_scalars(device: torch.device) -> dict[str, float]:
+    """``system/gpu_memory_gb`` (peak allocated so far) on CUDA; nothing elsewhere."""
+    if device.type != "cuda":
+        return {}
+    return {"system/gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
+
+
 class RunLog:
-    """TensorBoard writer (event files in the run dir itself) plus the ``metrics.json`` summary."""
+    """TensorBoard writer (event files in the run dir itself) plus the ``metrics.json`` summary.
 
-    def __init__(self, run_dir: Path) -> None:
+    ``seconds`` is the time spent in these methods, written to ``metrics.json`` as
+    ``log_seconds`` (see benchmarks/README.md, "TensorBoard overhead").
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        class_names: Sequence[str] = (),
+        palette: np.ndarray | None = None,
+        image_size: int = 128,
+        purge_step: int | None = None,
+    ) -> None:
+        self.seconds = 0.0
+        start = time.perf_counter()
         self.run_dir = Path(run_dir)
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
+        self.class_names = list(class_names)
+        self.palette = palette if palette is not None else visualize.default_palette(len(self.class_names))
+        self.image_size = image_size
+        # Flushed at each validation and on close; flush_secs bounds staleness in between.
+        # purge_step (on resume): TensorBoard drops events from that step on that an earlier session wrote.
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step, flush_secs=30)
+        self.seconds += time.perf_counter() - start
 
+    @timed
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, step)
 
+    @timed
     def text(self, tag: str, text: str) -> None:
         self.writer.add_text(tag, text, 0)
 
+    @timed
+    def predictions(self, step: int, images: torch.Tensor, masks: torch.Tensor, predicted: torch.Tensor) -> None:
+        """``val/predictions``: input | ground truth | prediction | overlay for each fixed sample, with a class legend."""
+        panel = visualize.prediction_panel(
+            images.float().cpu().numpy(), masks.cpu().numpy(), predicted.cpu().numpy(), self.class_names, self.palette, self.image_size
+        )
+        self.writer.add_image("val/predictions", panel, step, dataformats="HWC")
+
+    @timed
+    def confusion_matrix(self, step: int, matrix: torch.Tensor | np.ndarray) -> None:
+        """``val/confusion_matrix``: rows (true classes) normalised, class names on both axes."""
+        heatmap = visualize.confusion_heatmap(np.asarray(torch.as_tensor(matrix).cpu()), self.class_names)
+        self.writer.add_image("val/confusion_matrix", heatmap, step, dataformats="HWC")
+
+    @timed
+    def hparams(self, config: dict[str, Any], overrides: Sequence[str]) -> None:
+        """Start the HParams session in the run's own event file (``add_hparams`` would make a subfolder)."""
+        experiment, session_start, _ = hparams_summaries(hyperparameters(config, overrides), dict.fromkeys(HPARAM_METRICS, 0.0))
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(session_start)
+
+    @timed
+    def hparams_results(self, step: int, metrics: dict[str, Any]) -> None:
+        """The HParams metrics of a finished run, and the session's end (status: success)."""
+        final = metrics.get("final") or {}
+        values = {"best_miou": metrics.get("best_miou"), "final/mIoU": final.get("mIoU"), "final/loss": final.get("loss")}
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+        _, _, session_end = hparams_summaries({}, {})
+        self.writer.file_writer.add_summary(session_end)
+        self.writer.flush()
+
+    @timed
     def flush(self) -> None:
         self.writer.flush()
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """``metrics.json``, with ``log_seconds``: the time this run spent logging so far."""
         path = self.run_dir / "metrics.json"
         temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(plain(metrics), indent=2) + "\n")
+        temporary.write_text(json.dumps(plain({**metrics, "log_seconds": self.seconds}), indent=2) + "\n")
         temporary.replace(path)  # readers never see a half-written file
 
     def close(self) -> None:

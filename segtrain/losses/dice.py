@@ -51,11 +51,12 @@ class DiceLoss(SegLoss):
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
         # float32 sums: in float16 a 128x128 sum of probabilities loses the small classes.
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            logits = logits.float()
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
             probs = torch.softmax(logits, 1) if self.softmax else torch.sigmoid(logits)
-            dense = target.dense(torch.float32)  # already zero on ignored pixels
-            if target.valid is not None:
-                probs = probs * target.valid.unsqueeze(1)
+            dense = target.dense(probs.dtype)  # already zero on ignored pixels
+            if target.ignored is not None:
+                probs = probs.masked_fill(target.ignored.unsqueeze(1), 0.0)
             if not self.include_background and probs.shape[1] > 1:
                 probs, dense = probs[:, 1:], dense[:, 1:]
             axes = tuple(range(2, probs.dim()))

@@ -18,16 +18,21 @@ class PreparedTarget:
     """A checked target, in the forms the losses need.
 
     ``index`` is the ``(N, *spatial)`` int64 class index with ignored pixels set
-    to 0, so gather/one-hot work on it; ``valid`` marks the counted pixels and is
+    to 0, so gather/one-hot work on it; ``ignored`` marks the left-out pixels and is
     ``None`` when no pixel is ignored (the fast path). ``raw`` is the int64 target
     with ignored pixels kept, for torch's own losses that take ``ignore_index``.
     """
 
     index: Tensor
     raw: Tensor
-    valid: Tensor | None
+    ignored: Tensor | None
     num_channels: int
     num_counted: int
+
+    @property
+    def valid(self) -> Tensor | None:
+        """The counted pixels ``(N, *spatial)``, or ``None`` when every pixel counts."""
+        return None if self.ignored is None else ~self.ignored
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The ``(N, C, *spatial)`` target: one-hot for C > 1, ``index == 1`` for one channel (binary).
@@ -38,8 +43,8 @@ class PreparedTarget:
             dense = (self.index == 1).unsqueeze(1)
         else:
             dense = F.one_hot(self.index, self.num_channels).movedim(-1, 1)
-        if self.valid is not None:
-            dense = dense & self.valid.unsqueeze(1)
+        if self.ignored is not None:
+            dense = dense.masked_fill(self.ignored.unsqueeze(1), False)
         return dense.to(dtype)
 
 
@@ -87,15 +92,15 @@ def prepare_target(
         return PreparedTarget(target, target, None, channels, 0)
 
     if ignore_index is None:
-        valid = None
+        ignored = None
         low, high = torch.aminmax(target)
         num_ignored_t = torch.zeros((), dtype=torch.long, device=target.device)
         index = target
     else:
-        valid = target != ignore_index
-        index = target.masked_fill(~valid, 0)
+        ignored = target == ignore_index
+        index = torch.where(ignored, 0, target)
         low, high = torch.aminmax(index)
-        num_ignored_t = valid.numel() - valid.sum()
+        num_ignored_t = ignored.sum()
     # One host sync per step, on purpose: checking values here is what turns an
     # out-of-range class into a readable error instead of a device-side assert (or a
     # silently wrong one-hot), and it tells us whether any pixel is ignored at all.
@@ -120,5 +125,5 @@ def prepare_target(
             f"loss={loss}: target values {bad} are outside [0, {num_values}) and are not {ignore_text}; {fix}"
         )
     if num_ignored == 0:
-        valid = None
-    return PreparedTarget(index, target, valid, channels, target.numel() - num_ignored)
+        ignored = None
+    return PreparedTarget(index, target, ignored, channels, target.numel() - num_ignored)

@@ -5,18 +5,35 @@ Examples::
     python train.py                                   # UNet on the generated shapes dataset
     python train.py loss=focal device_list=[0]        # focal loss on CUDA device 0
     python train.py -m loss=ce,focal optimizer.lr=0.01,0.001   # a sweep of four runs
+    python train.py resume=outputs/2026-11-23/10-00-00       # continue an interrupted run
+    python train.py mode=eval resume=outputs/2026-11-23/10-00-00/best.pt
 """
+import logging
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import segtrain.run
+from segtrain.errors import USER_ERRORS
+from segtrain.trainer import Interrupted
+
+log = logging.getLogger("segtrain")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best val mIoU, so Hydra sweepers can optimise it."""
-    return segtrain.run.train(cfg, HydraConfig.get().runtime.output_dir)
+    try:
+        return segtrain.run.main(cfg, HydraConfig.get().runtime.output_dir)
+    except Interrupted as stop:
+        where = f"python train.py resume={stop.checkpoint}" if stop.checkpoint else "(no checkpoint: trainer.save_checkpoints=false)"
+        log.error("%s at a step boundary; resume with: %s", stop, where)
+        sys.exit(128 + stop.signum)  # 143 for SIGTERM, 130 for SIGINT: schedulers can requeue on these
+    except USER_ERRORS as error:
+        log.error("%s", error)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

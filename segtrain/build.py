@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import hydra.utils
@@ -14,6 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from segtrain import losses
+from segtrain.audit import AuditReport, audit, can_audit, log_report
+from segtrain.checkpoint import load_checkpoint, load_model_state
+from segtrain.data import EpochSampler
 from segtrain.devices import ConfigError, resolve_device
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels
@@ -21,7 +26,7 @@ from segtrain.task import output_channels
 log = logging.getLogger(__name__)
 
 # Dataset keys read by the framework (loader and task description), not by the dataset class.
-LOADER_KEYS = ("batch_size", "num_workers")
+LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers")
 
 
 @dataclass
@@ -80,12 +85,14 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, seed: int, device: torch.device) -> DataLoader:
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device) -> DataLoader:
+    """Training: a seeded shuffle per epoch (``EpochSampler``), resumable mid-epoch; validation: in order."""
+    sampler = EpochSampler(dataset, batch_size, shuffle=True, seed=seed) if train else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) > batch_size,  # no tiny last batch in training (BatchNorm)
+        sampler=sampler,
+        drop_last=train and len(dataset) > batch_size,  # no tiny last batch in training (BatchNorm)
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",
@@ -114,10 +121,13 @@ def needs_training_masks(node: Any) -> bool:
     return node == "auto"
 
 
-def build_loss(loss_cfg: dict[str, Any], train_set: Dataset, num_classes: int, ignore_index: int | None) -> tuple[nn.Module, dict[str, Any]]:
-    """The loss, and its parameters with every ``auto`` replaced by values from the training masks."""
+def build_loss(
+    loss_cfg: dict[str, Any], train_set: Dataset, num_classes: int, ignore_index: int | None, class_counts: torch.Tensor | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The loss, and its parameters with every ``auto`` replaced by values from the training masks
+    (``class_counts`` from the data audit when given, else one pass over ``train_set``)."""
     if needs_training_masks(loss_cfg):
-        counts = class_pixel_counts(train_set, num_classes, ignore_index)
+        counts = class_counts if class_counts is not None else class_pixel_counts(train_set, num_classes, ignore_index)
         log.info("class pixel counts on the training masks: %s", counts.tolist())
         loss_cfg = losses.resolve_auto(loss_cfg, counts, num_classes)
         log.info("loss parameters with auto resolved: %s", loss_cfg)
@@ -127,8 +137,15 @@ def build_loss(loss_cfg: dict[str, Any], train_set: Dataset, num_classes: int, i
 
 
 def build_model(model_cfg: dict[str, Any], out_channels: int) -> nn.Module:
-    params = {key: value for key, value in model_cfg.items() if key != "num_classes"}
-    return instantiate(MODELS, params, out_channels=out_channels)
+    """The model with ``out_channels`` logits; ``init_from`` loads weights from a checkpoint (fine-tuning)."""
+    params = {key: value for key, value in model_cfg.items() if key not in ("num_classes", "init_from", "init_strict")}
+    model = instantiate(MODELS, params, out_channels=out_channels)
+    if model_cfg.get("init_from"):
+        checkpoint = load_checkpoint(Path(model_cfg["init_from"]))
+        strict = bool(model_cfg.get("init_strict", True))
+        skipped = load_model_state(model, checkpoint["model"], strict=strict)
+        log.info("model.init_from=%s: loaded weights%s", model_cfg["init_from"], f"; not loaded: {', '.join(skipped)}" if skipped else "")
+    return model
 
 
 def build_scheduler(
@@ -165,15 +182,24 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     check_names(cfg)
     device = resolve_device(OmegaConf.to_object(cfg.device_list) if cfg.device_list is not None else None)
     seed_everything(cfg.seed)
+    deterministic = bool(cfg.trainer.get("deterministic", False))
+    torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
+    torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels are fast but not reproducible
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
     train_set, val_set = build_datasets(dataset_cfg)
     class_names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
     if len(class_names) != num_classes:
         raise ConfigError(f"dataset.class_names has {len(class_names)} names but dataset.num_classes={num_classes}")
-    loss_fn, loss_cfg = build_loss(OmegaConf.to_container(cfg.loss, resolve=True), train_set, num_classes, ignore_index)
+    report = audit_data(train_set, val_set, class_names, dataset_cfg)
+    loss_fn, loss_cfg = build_loss(
+        OmegaConf.to_container(cfg.loss, resolve=True), train_set, num_classes, ignore_index, report.train_counts if report else None
+    )
     out_channels = output_channels(num_classes, getattr(loss_fn, "sigmoid", False))
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), out_channels).to(device)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
+        model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
+    model = build_model(model_cfg, out_channels).to(device)
     log.info(
         "model: %s (%.2f M parameters, %d output channels for %d classes)",
         cfg.model.get("name", cfg.model.get("_target_")), count_parameters(model) / 1e6, out_channels, num_classes,
@@ -181,16 +207,43 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     log.info("loss: %s; dataset: %s (%d train, %d val samples)", loss_cfg.get("name", loss_cfg.get("_target_")), dataset_cfg.get("name"), len(train_set), len(val_set))
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
     train_loader = build_loader(train_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], True, cfg.seed, device)
-    val_loader = build_loader(val_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], False, cfg.seed, device)
-    steps_per_epoch = len(train_loader)
+    # Whole validation images may differ in size: dataset.val_batch_size (1 for on-disk datasets) batches them.
+    val_batch_size = dataset_cfg.get("val_batch_size") or dataset_cfg["batch_size"]
+    val_loader = build_loader(val_set, val_batch_size, dataset_cfg["num_workers"], False, cfg.seed, device)
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / int(cfg.trainer.get("accumulate", 1))))
     max_steps = cfg.trainer.max_steps
     total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch
     scheduler = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total_steps, steps_per_epoch)
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.loss = loss_cfg
+        if run_cfg.dataset.get("in_channels") is None:
+            run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
     components = Components(
         device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, ignore_index, class_names, total_steps
     )
     return components, run_cfg
 
+
+
+def audit_data(
+    train_set: Dataset, val_set: Dataset, class_names: list[str], dataset_cfg: dict[str, Any], log_table: bool = True
+) -> AuditReport | None:
+    """The pre-flight audit of on-disk datasets (raises naming bad files; logs the class table); None for generated data."""
+    if not (can_audit(train_set) and can_audit(val_set)):
+        return None
+    val_batch_size = int(dataset_cfg.get("val_batch_size") or dataset_cfg["batch_size"])
+    report = audit({"train": train_set, "val": val_set}, class_names, val_batch_size)
+    if log_table:
+        log_report(report)
+    return report
+
+
+def build_audit(cfg: DictConfig) -> AuditReport | None:
+    """Only the datasets and their audit (``audit_only=true``): no model, no device."""
+    check_names(cfg)
+    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    num_classes = int(dataset_cfg["num_classes"])
+    train_set, val_set = build_datasets(dataset_cfg)
+    class_names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
+    return audit_data(train_set, val_set, class_names, dataset_cfg, log_table=False)  # the caller prints it

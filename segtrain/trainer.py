@@ -1,25 +1,37 @@
-"""The training loop: batch to device, forward, loss, backward, step, schedule, log."""
+"""The training loop: batch to device, forward, loss, backward, clip, step, schedule, log.
+
+``Trainer.train_one_epoch`` is the loop; everything it needs to resume exactly (epoch,
+batch within the epoch, step, best metric, history, RNG states) lives in ``TrainState``
+and the checkpoint.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segtrain.checkpoint import save_checkpoint, unwrap
+from segtrain.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from segtrain.data import EpochSampler
+from segtrain.inference import SlidingWindow, sliding_window_from, sliding_window_logits
 from segtrain.losses import loss_terms
 from segtrain.metrics import ConfusionMatrix
-from segtrain.run_log import RunLog
+from segtrain.run_log import RunLog, system_scalars
 from segtrain.task import predict
+from segtrain.visualize import fixed_samples
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 @dataclass
@@ -30,185 +42,402 @@ class TrainerSettings:
     log_every: int = 10
     progress_bar: bool = True
     save_checkpoints: bool = True
+    ckpt_every_steps: int | None = None  # also write last.pt every N optimizer steps (mid-epoch resume)
+    precision: str = "32"  # 32 | bf16 | 16 (fp16 with a GradScaler); autocast on CUDA (bf16 also on the CPU)
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    accumulate: int = 1  # micro-batches per optimizer step
+    clip_grad_norm: float | None = None
+    max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+    log_images: int = 4  # fixed validation samples pictured in TensorBoard at each validation (0: none)
+    log_image_size: int = 128  # pixels per picture tile (larger samples are shrunk)
+    val_mode: str = "whole"  # whole | slide (sliding-window inference, segtrain/inference.py)
+    window: int | list[int] | None = None  # slide: window size (the config's default is dataset.size)
+    stride: int | list[int] | None = None  # slide: step between windows; null: half the window
 
 
 @dataclass
-class EpochResult:
-    step: int
-    images: int
-    seconds: float
+class TrainState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batch: int = 0  # batches of that epoch already trained on
+    step: int = 0  # optimizer steps so far
+    best_miou: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    bad_steps_in_a_row: int = 0
+    skipped_steps: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # over all sessions of a resumed run, up to the last checkpoint
 
 
-def train_one_epoch(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: DataLoader,
-    device: torch.device,
-    epoch: int,
-    step: int,
-    settings: TrainerSettings,
-    run_log: RunLog,
-) -> EpochResult:
-    model.train()
-    images_seen, start = 0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not settings.progress_bar, leave=False, dynamic_ncols=True)
-    for images, masks in bar:
-        images = images.to(device, non_blocking=True)
-        masks = masks.to(device, non_blocking=True)
-        logits = model(images)
-        loss, terms = loss_terms(loss_fn, logits, masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        images_seen += images.shape[0]
-        if step % settings.log_every == 0:
-            # .item() waits for the GPU: only on logging steps.
-            lr = optimizer.param_groups[0]["lr"]
-            values = {"train/loss": loss.item(), "train/lr": lr}
-            if len(terms) > 1:
-                values.update({f"train/loss/{name}": term.item() for name, term in terms.items()})
-            run_log.scalars(step, values)
-            speed = images_seen / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
-        if settings.max_steps is not None and step >= settings.max_steps:
-            break
-    return EpochResult(step, images_seen, time.perf_counter() - start)
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived; ``last.pt`` holds the state to resume from."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (repeated non-finite losses, out of memory); the message says what to change."""
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[dict[str, int]]:
+    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checks after each optimizer step."""
+    received: dict[str, int] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        received["signum"] = signum
+        log.warning("received %s: finishing the current step, then saving last.pt", signal.Signals(signum).name)
+
+    previous = {}
+    try:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handler)
+    except ValueError:  # not the main thread (e.g. some launchers): leave signals alone
+        pass
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        device: torch.device,
+        num_classes: int,
+        ignore_index: int | None,
+        class_names: list[str],
+        settings: TrainerSettings,
+        run_log: RunLog,
+        run_dir: Path,
+        config: dict[str, Any],
+    ) -> None:
+        if settings.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={settings.precision}: use one of {', '.join(PRECISIONS)}")
+        if settings.accumulate < 1:
+            raise ValueError(f"trainer.accumulate={settings.accumulate}: must be at least 1")
+        self.sliding_window = sliding_window_from(settings.val_mode, settings.window, settings.stride)
+        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.train_loader, self.val_loader, self.device = train_loader, val_loader, device
+        self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
+        self.settings, self.run_log, self.run_dir, self.config = settings, run_log, Path(run_dir), config
+        self.state = TrainState()
+        self.batches_per_epoch = len(train_loader)  # before any mid-epoch skip shortens the sampler
+        self.dtype = PRECISIONS[settings.precision]
+        # Autocast runs on CUDA; on the CPU only bf16 is supported by torch.
+        self.autocast_enabled = self.dtype != torch.float32 and (device.type == "cuda" or self.dtype == torch.bfloat16)
+        if self.dtype == torch.float16 and device.type != "cuda":
+            log.warning("trainer.precision=16 needs CUDA; training in float32 on the CPU")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16 and device.type == "cuda")
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        if settings.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward_model = torch.compile(model) if settings.compile else model
+        self.warned_single_class = False
+        self.samples = fixed_samples(val_loader.dataset, settings.log_images)  # the same ones at every validation
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train until ``max_epochs`` (or ``max_steps``), validating every ``val_every`` epochs."""
+        state, settings = self.state, self.settings
+        self.session_start, self.wall_before = time.perf_counter(), state.wall_seconds
+        with stop_signals() as received:
+            while state.epoch <= self.max_epochs and not self.reached_max_steps():
+                self.train_one_epoch(received)
+                finished_epoch = state.epoch
+                last = finished_epoch == self.max_epochs or self.reached_max_steps()
+                state.epoch, state.batch = state.epoch + 1, 0
+                if finished_epoch % settings.val_every == 0 or last:
+                    self.validate(finished_epoch)
+                elif settings.save_checkpoints:
+                    self.save(improved=False)
+                self.run_log.flush()
+                if received and not last:
+                    self.stop(received["signum"])
+        metrics = self.summary(finished=True)
+        self.run_log.write_metrics(metrics)
+        return metrics
+
+    def train_one_epoch(self, received: dict[str, int]) -> None:
+        state, settings, model = self.state, self.settings, self.forward_model
+        model.train()
+        sampler: EpochSampler = self.train_loader.sampler  # type: ignore[assignment]
+        sampler.set_epoch(state.epoch, skip_batches=state.batch)
+        images_seen, start = 0, time.perf_counter()
+        batches_in_epoch = self.batches_per_epoch
+        bar = tqdm(
+            self.train_loader, desc=f"epoch {state.epoch}", initial=state.batch, total=batches_in_epoch,
+            disable=not settings.progress_bar, leave=False, dynamic_ncols=True,
+        )
+        micro_batches = 0
+        for images, masks in bar:
+            images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+            masks = masks.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, self.dtype, enabled=self.autocast_enabled):
+                outputs = model(images)
+                loss, terms = model_loss(self.loss_fn, outputs, masks, unwrap(self.model))
+            state.batch += 1
+            images_seen += images.shape[0]
+            # Checking finiteness is a CPU-GPU sync point, paid to skip a bad step before backward.
+            if not torch.isfinite(loss):
+                self.skip_bad_step(terms)
+                micro_batches = 0
+                continue
+            state.bad_steps_in_a_row = 0
+            self.scaler.scale(loss / settings.accumulate).backward()
+            micro_batches += 1
+            if micro_batches < settings.accumulate and state.batch < batches_in_epoch:
+                continue
+            micro_batches = 0
+            grad_norm = self.optimizer_step()
+            state.step += 1
+            if state.step % settings.log_every == 0:
+                speed = images_seen / (time.perf_counter() - start)
+                self.log_step(loss, terms, grad_norm, speed, bar)
+            if settings.ckpt_every_steps and state.step % settings.ckpt_every_steps == 0 and settings.save_checkpoints:
+                self.save(improved=False)
+            if received:
+                self.count_throughput(images_seen, start)
+                self.stop(received["signum"])
+            if self.reached_max_steps():
+                break
+        self.count_throughput(images_seen, start)
+
+    def count_throughput(self, images_seen: int, start: float) -> None:
+        self.state.train_images += images_seen
+        self.state.train_seconds += time.perf_counter() - start
+
+    def optimizer_step(self) -> torch.Tensor | None:
+        """Unscale, clip, step, schedule; returns the gradient norm when it was computed."""
+        grad_norm = None
+        clip = self.settings.clip_grad_norm
+        if clip or (self.state.step + 1) % self.settings.log_every == 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
+
+    def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, speed: float, bar: tqdm) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = {"train/loss": loss.item(), "train/lr": lr, "train/images_per_second": speed}  # .item(): a sync point
+        if len(terms) > 1:
+            values.update({f"train/loss/{name}": term.item() for name, term in terms.items()})
+        if grad_norm is not None:
+            values["train/grad_norm"] = grad_norm.item()
+        values.update(system_scalars(self.device))  # system/gpu_memory_gb on CUDA
+        self.run_log.scalars(self.state.step, values)
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+
+    def skip_bad_step(self, terms: dict[str, torch.Tensor]) -> None:
+        state = self.state
+        state.bad_steps_in_a_row += 1
+        state.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)] or list(terms)
+        log.warning("step %d: non-finite loss in %s; step skipped (%d in a row)", state.step + 1, ", ".join(bad), state.bad_steps_in_a_row)
+        self.run_log.scalars(state.step, {"train/skipped_steps": state.skipped_steps})
+        if state.bad_steps_in_a_row >= self.settings.max_bad_steps:
+            raise TrainingError(
+                f"{state.bad_steps_in_a_row} non-finite losses in a row (terms: {', '.join(bad)}; "
+                f"trainer.max_bad_steps={self.settings.max_bad_steps}); lower optimizer.lr, set trainer.clip_grad_norm, "
+                "or check the data for NaN values"
+            )
+
+    def stop(self, signum: int) -> None:
+        """Save last.pt at this step boundary and leave the loop."""
+        path = self.save(improved=False) if self.settings.save_checkpoints else None
+        self.run_log.flush()
+        raise Interrupted(signum, path)
+
+    # ----------------------------------------------------------- validation
+    def validate(self, epoch: int) -> dict[str, Any]:
+        """Evaluate, log at the global step, track the best model, save checkpoints."""
+        state = self.state
+        metrics = evaluate(
+            self.forward_model, self.loss_fn, self.val_loader, self.device, self.num_classes, self.ignore_index, self.autocast_context,
+            self.sliding_window,
+        )
+        self.warn_if_single_class(metrics)
+        result = {"epoch": epoch, "step": state.step, **named_metrics(metrics, self.class_names)}
+        scalars = {"val/loss": result["loss"], "val/mIoU": result["mIoU"], "val/acc": result["acc"], "val/dice": result["dice"]}
+        scalars.update({f"val/IoU/{name}": iou for name, iou in result["IoU"].items() if not math.isnan(iou)})
+        self.run_log.scalars(state.step, scalars)
+        self.run_log.confusion_matrix(state.step, metrics["confusion_matrix"])
+        self.log_predictions()
+        per_class = ", ".join(f"{name} {iou:.3f}" for name, iou in result["IoU"].items())
+        log.info("epoch %d step %d: val loss %.4f, mIoU %.4f, acc %.4f (IoU: %s)", epoch, state.step, result["loss"], result["mIoU"], result["acc"], per_class)
+        state.history.append(result)
+        improved = (state.best_miou is None or result["mIoU"] > state.best_miou) and is_finite_model(self.model)
+        if improved:
+            state.best_miou, state.best_epoch = result["mIoU"], epoch
+        if self.settings.save_checkpoints:
+            self.save(improved)
+        self.run_log.write_metrics(self.summary(finished=False))
+        return result
+
+    @torch.no_grad()
+    def log_predictions(self) -> None:
+        """Picture the fixed validation samples with the current predictions (``val/predictions``)."""
+        if self.samples is None:
+            return
+        _, images, masks = self.samples
+        self.model.eval()  # the uncompiled model: a batch of another size would make torch.compile recompile
+        with self.autocast_context():
+            predicted = predict(self.model(images.to(self.device)))
+        self.run_log.predictions(self.state.step, images, masks, predicted)
+
+    def warn_if_single_class(self, metrics: dict[str, Any]) -> None:
+        predicted = metrics["predicted_classes"]
+        if len(predicted) == 1 and not self.warned_single_class:
+            self.warned_single_class = True
+            log.warning(
+                "validation predicts class %r everywhere; if this persists, check that dataset.num_classes, the loss "
+                "(sigmoid or softmax) and the masks agree (e.g. dataset.mask_values for 0/255 masks)",
+                self.class_names[predicted[0]],
+            )
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, self.dtype, enabled=self.autocast_enabled)
+
+    # ----------------------------------------------------------- checkpoints
+    def save(self, improved: bool) -> Path:
+        self.state.wall_seconds = self.wall_seconds()
+        checkpoint = {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": asdict(self.state),
+            "rng": rng_state(),
+            "config": self.config,
+        }
+        path = self.run_dir / "last.pt"
+        save_checkpoint(path, checkpoint)
+        if improved:
+            save_checkpoint(self.run_dir / "best.pt", checkpoint)
+        return path
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        """Restore everything ``save`` wrote: weights, optimizer, scheduler, scaler, state and RNGs."""
+        from segtrain.checkpoint import load_model_state
+
+        load_model_state(unwrap(self.model), checkpoint["model"], strict=True)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = TrainState(**checkpoint["state"])
+        set_rng_state(checkpoint["rng"])
+
+    # ----------------------------------------------------------- bookkeeping
+    @property
+    def max_epochs(self) -> int:
+        if self.settings.max_steps is not None:
+            steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.settings.accumulate))
+            return math.ceil(self.settings.max_steps / steps_per_epoch)
+        return self.settings.max_epochs
+
+    def reached_max_steps(self) -> bool:
+        return self.settings.max_steps is not None and self.state.step >= self.settings.max_steps
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.session_start
+
+    def summary(self, finished: bool) -> dict[str, Any]:
+        """The content of metrics.json (``finished`` is false while the run is in progress)."""
+        state = self.state
+        return {
+            "best_miou": state.best_miou,
+            "best_epoch": state.best_epoch,
+            "final": state.history[-1] if state.history else None,
+            "epochs": state.epoch - 1,
+            "steps": state.step,
+            "wall_seconds": self.wall_seconds(),
+            "train_seconds": state.train_seconds,
+            "images_per_second": state.train_images / state.train_seconds if state.train_seconds > 0 else None,
+            "skipped_steps": state.skipped_steps,
+            "history": state.history,
+            "finished": finished,
+        }
+
+
+def model_loss(
+    loss_fn: nn.Module, outputs: torch.Tensor | dict[str, torch.Tensor], masks: torch.Tensor, model: nn.Module
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss of a model's output and its logged terms.
+
+    Logits give ``loss_terms``. A model with an auxiliary head (torchvision's FCN/DeepLabV3)
+    returns ``{"out", "aux"}`` in train mode: total = loss(out) + model.aux_weight * loss(aux),
+    with the weighted aux term logged as ``aux``.
+    """
+    if not isinstance(outputs, dict):
+        return loss_terms(loss_fn, outputs, masks)
+    loss, terms = loss_terms(loss_fn, outputs["out"], masks)
+    aux_loss = model.aux_weight * loss_fn(outputs["aux"], masks)
+    return loss + aux_loss, {**terms, "aux": aux_loss.detach()}
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loss_fn: nn.Module, loader: DataLoader, device: torch.device, num_classes: int, ignore_index: int | None
+    model: nn.Module,
+    loss_fn: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    num_classes: int,
+    ignore_index: int | None,
+    autocast: Any = contextlib.nullcontext,
+    sliding_window: SlidingWindow | None = None,
 ) -> dict[str, Any]:
-    """Validation loss (mean over samples) and metrics from one confusion matrix over the whole split."""
+    """Validation loss (mean over samples) and metrics from one confusion matrix over the whole split.
+
+    Whole images go through the model at once, or window by window with ``sliding_window``.
+    """
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     loss_sum, samples = torch.zeros((), device=device), 0
     for images, masks in loader:
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
-        logits = model(images)
-        loss_sum += loss_fn(logits, masks).detach() * images.shape[0]
+        with autocast():
+            logits = model(images) if sliding_window is None else sliding_window_logits(model, images, sliding_window)
+            loss_sum += loss_fn(logits, masks).detach().float() * images.shape[0]
         samples += images.shape[0]
         confusion.update(predict(logits), masks)
     confusion.reduce_across_processes()
-    return {"loss": float(loss_sum) / max(samples, 1), **confusion.compute()}
-
-
-def is_finite_model(model: nn.Module) -> bool:
-    return all(torch.isfinite(parameter).all() for parameter in model.parameters())
-
-
-def fit(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int | None,
-    class_names: list[str],
-    settings: TrainerSettings,
-    run_log: RunLog,
-    run_dir: Path,
-    config: dict[str, Any],
-) -> dict[str, Any]:
-    """Train for ``max_epochs`` (or ``max_steps``), validating every ``val_every`` epochs; returns metrics.json's content."""
-    start = time.perf_counter()
-    step, epoch, train_images, train_seconds = 0, 0, 0, 0.0
-    best = {"miou": -math.inf, "epoch": None}
-    history: list[dict[str, Any]] = []
-    max_epochs = settings.max_epochs
-    if settings.max_steps is not None:
-        max_epochs = math.ceil(settings.max_steps / max(len(train_loader), 1))
-    final: dict[str, Any] = {}
-    for epoch in range(1, max_epochs + 1):
-        result = train_one_epoch(model, loss_fn, optimizer, scheduler, train_loader, device, epoch, step, settings, run_log)
-        step, train_images, train_seconds = result.step, train_images + result.images, train_seconds + result.seconds
-        last_epoch = epoch == max_epochs or (settings.max_steps is not None and step >= settings.max_steps)
-        if epoch % settings.val_every == 0 or last_epoch:
-            final = validate(model, loss_fn, val_loader, device, num_classes, ignore_index, class_names, epoch, step, run_log)
-            history.append(final)
-            improved = final["mIoU"] > best["miou"] and is_finite_model(model)
-            if improved:
-                best = {"miou": final["mIoU"], "epoch": epoch}
-            if settings.save_checkpoints:
-                save_checkpoints(model, optimizer, scheduler, epoch, step, best, config, run_dir, improved)
-            run_log.flush()
-        if last_epoch:
-            break
-    metrics = {
-        "best_miou": best["miou"] if best["epoch"] is not None else None,
-        "best_epoch": best["epoch"],
-        "final": final,
-        "epochs": epoch,
-        "steps": step,
-        "wall_seconds": time.perf_counter() - start,
-        "train_seconds": train_seconds,
-        "images_per_second": train_images / train_seconds if train_seconds > 0 else None,
-        "history": history,
-        "finished": True,
-    }
-    run_log.write_metrics(metrics)
-    return metrics
-
-
-def validate(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    num_classes: int,
-    ignore_index: int | None,
-    class_names: list[str],
-    epoch: int,
-    step: int,
-    run_log: RunLog,
-) -> dict[str, Any]:
-    """Evaluate, log to TensorBoard at the global step, and return the metrics with class names."""
-    metrics = evaluate(model, loss_fn, loader, device, num_classes, ignore_index)
-    scalars = {"val/loss": metrics["loss"], "val/mIoU": metrics["mIoU"], "val/acc": metrics["acc"], "val/dice": metrics["dice"]}
-    for name, iou in zip(class_names, metrics["IoU"]):
-        if not math.isnan(iou):
-            scalars[f"val/IoU/{name}"] = iou
-    run_log.scalars(step, scalars)
-    per_class = ", ".join(f"{name} {iou:.3f}" for name, iou in zip(class_names, metrics["IoU"]))
-    log.info("epoch %d step %d: val loss %.4f, mIoU %.4f, acc %.4f (IoU: %s)", epoch, step, metrics["loss"], metrics["mIoU"], metrics["acc"], per_class)
+    predicted_classes = torch.nonzero(confusion.matrix.sum(0)).flatten().tolist()
     return {
-        "epoch": epoch,
-        "step": step,
-        **metrics,
+        "loss": float(loss_sum) / max(samples, 1), **confusion.compute(), "predicted_classes": predicted_classes,
+        "confusion_matrix": confusion.matrix.cpu(),
+    }
+
+
+def named_metrics(metrics: dict[str, Any], class_names: list[str]) -> dict[str, Any]:
+    """Metrics with per-class lists turned into ``{class name: value}``."""
+    return {
+        "loss": metrics["loss"],
+        "acc": metrics["acc"],
+        "mIoU": metrics["mIoU"],
+        "dice": metrics["dice"],
         "IoU": dict(zip(class_names, metrics["IoU"])),
         "Dice": dict(zip(class_names, metrics["Dice"])),
     }
 
 
-def save_checkpoints(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    epoch: int,
-    step: int,
-    best: dict[str, Any],
-    config: dict[str, Any],
-    run_dir: Path,
-    improved: bool,
-) -> None:
-    state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "best_miou": best["miou"],
-        "best_epoch": best["epoch"],
-        "config": config,
-    }
-    save_checkpoint(run_dir / "last.pt", state)
-    if improved:
-        save_checkpoint(run_dir / "best.pt", state)
+def is_finite_model(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())

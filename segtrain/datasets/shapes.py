@@ -20,7 +20,8 @@ from segtrain.registry import DATASETS
 
 SHAPES_2D = ("ellipse", "rectangle", "triangle")
 SHAPES_3D = ("ellipsoid", "box", "octahedron")
-# Class colours are mixed half and half with a random colour: classes overlap in colour.
+# Class colours are mixed 70:30 with a random colour: classes overlap in colour, and shading,
+# background and noise blur them further.
 _CLASS_COLOURS = torch.tensor([[0.9, 0.3, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.9]])
 _SPLIT_OFFSET = {"train": 0, "val": 1 << 40}
 
@@ -89,7 +90,7 @@ class Shapes(Dataset):
         for _ in range(num_shapes):
             label = int(torch.randint(1, self.num_classes, (1,), generator=rng))
             inside = self._draw(label, coords, rng)
-            colour = 0.5 * _CLASS_COLOURS[label - 1] + 0.5 * torch.rand(3, generator=rng)
+            colour = 0.7 * _CLASS_COLOURS[label - 1] + 0.3 * torch.rand(3, generator=rng)
             # A linear shading across the shape: texture, not a flat fill.
             shade = 1 + 0.25 * torch.einsum("d,d...->...", torch.randn(self.dims, generator=rng), coords)
             fill = colour.view(3, *([1] * self.dims)) * shade

@@ -1,0 +1,61 @@
+import pytest
+from torch import nn
+
+import segtrain
+from segtrain.registry import LOSSES, MODELS, Registry, UnknownNameError
+
+
+def test_duplicate_name_raises():
+    registry = Registry("thing")
+    registry.register("a")(int)
+    with pytest.raises(KeyError, match="already registered"):
+        registry.register("a")(float)
+
+
+def test_unknown_name_lists_known_names_and_suggests():
+    with pytest.raises(UnknownNameError) as error:
+        MODELS.get("unte")
+    message = str(error.value)
+    assert message.startswith("model=unte: unknown model; known: ")
+    assert "unet" in message and "Did you mean model=unet?" in message
+
+
+def test_builtins_are_registered_by_importing_the_package():
+    assert "unet" in segtrain.MODELS
+    assert {"shapes", "shapes3d"} <= set(segtrain.DATASETS.names())
+    assert "ce" in segtrain.LOSSES
+
+
+def test_user_registered_model_is_built_from_config(tmp_path):
+    from segtrain.build import build_model
+
+    @MODELS.register("tiny_test_model")
+    class Tiny(nn.Module):
+        def __init__(self, in_channels: int, out_channels: int, hidden: int = 2):
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, out_channels, 1)
+            self.hidden = hidden
+
+    try:
+        model = build_model({"name": "tiny_test_model", "in_channels": 3, "num_classes": 5, "hidden": 7}, out_channels=5)
+        assert isinstance(model, Tiny) and model.hidden == 7 and model.conv.out_channels == 5
+    finally:
+        MODELS._entries.pop("tiny_test_model")
+
+
+def test_target_points_at_any_importable_class():
+    from segtrain.build import build_model
+
+    model = build_model({"_target_": "segtrain.models.unet.UNet", "in_channels": 1, "num_classes": 3, "width": 4, "depth": 1}, 3)
+    assert model.head.out_channels == 3
+
+
+def test_unknown_loss_fails_before_any_work(tmp_path):
+    from conftest import TINY, run_train_py
+
+    process = run_train_py([f"hydra.run.dir={tmp_path}", *TINY, "loss.name=focall"])
+    assert process.returncode == 1
+    assert "Traceback" not in process.stdout + process.stderr, "a user error prints its message, not a traceback"
+    assert "loss=focall: unknown loss; known:" in (process.stdout + process.stderr)
+    assert "Did you mean loss=focal?" in (process.stdout + process.stderr) or "focal" not in LOSSES
+    assert not (tmp_path / "metrics.json").exists()

@@ -519,6 +519,24 @@ def test_every_loss_yaml_builds_and_runs(path):
     forward_backward_with_ignored_pixels(params, 3, (4, 4))
 
 
+@pytest.mark.parametrize("name", sorted(path.stem for path in LOSS_CONFIGS.glob("*.yaml")))
+def test_hydra_selects_each_loss_file(name):
+    if not (REPO / "configs" / "train.yaml").exists():
+        pytest.skip("configs/train.yaml is not there to compose with")
+    from hydra import compose, initialize_config_dir
+
+    overrides = [f"loss={name}", "dataset.ignore_index=255"]
+    if name == "ce_dice":
+        overrides.append("loss.weights.dice=0.5")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    loss_fn = build_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    assert loss_fn.ignore_index == 255
+    if name == "ce_dice":
+        assert loss_fn.weights == {"ce": 1.0, "dice": 0.5}
+        assert all(part.ignore_index == 255 for part in loss_fn.parts.values())
+
+
 def test_benchmark_smoke():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "losses.py"), "--smoke"],
                             capture_output=True, text=True, timeout=120)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from segtrain.losses.base import LossParamError, SegLoss, register_loss
 from segtrain.losses.build import build_loss_at, plain
 from segtrain.losses.target import PreparedTarget
+from segtrain.registry import LOSSES
 
 
 @register_loss("sum")
@@ -62,10 +63,11 @@ class WeightedSumLoss(SegLoss):
 
     @classmethod
     def uses_sigmoid(cls, params: dict[str, Any]) -> bool:
-        from segtrain.registry import LOSSES
-
         terms = params.get("terms") or {}
-        return any(LOSSES.get(term["name"]).uses_sigmoid(term) for term in terms.values())
+        return any(
+            isinstance(term, dict) and term.get("name") in LOSSES and LOSSES.get(term["name"]).uses_sigmoid(term)
+            for term in terms.values()
+        )
 
     def weighted_terms(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Each term times its weight, the target checked once."""

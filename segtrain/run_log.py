@@ -73,8 +73,7 @@ def hyperparameters(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
     """The run's hyperparameters for TensorBoard's HParams tab: the command-line overrides first, then the rest.
 
     An override of a config group (``loss=focal``) appears under the group's name; an
-    override of a value appears under its key with the value as run. ``None`` becomes
-    ``"null"`` (HParams would drop it).
+    override of a value appears under its key with the value as run.
     """
     flat = flatten(config)
     ordered: dict[str, Any] = {}
@@ -82,7 +81,8 @@ def hyperparameters(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
         key, _, value = override.lstrip("+~").partition("=")
         ordered[key] = flat.get(key, value)
     ordered.update((key, value) for key, value in flat.items() if key not in ordered)
-    return {key: "null" if value is None else value for key, value in ordered.items()}
+    # HParams would drop None and show booleans as 0/1: give both as the YAML text.
+    return {key: json.dumps(value) if value is None or isinstance(value, bool) else value for key, value in ordered.items()}
 
 
 def system_scalars(device: torch.device) -> dict[str, float]:

@@ -28,7 +28,9 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
         return evaluate_checkpoint(cfg, Path(run_dir))
     if mode == "audit":
         return audit_only(cfg)
-    raise ConfigError(f"mode={mode}: unknown mode; known: audit, eval, train")
+    if mode == "predict":
+        return predict_checkpoint(cfg, Path(run_dir))
+    raise ConfigError(f"mode={mode}: unknown mode; known: audit, eval, predict, train")
 
 
 def audit_only(cfg: DictConfig) -> float:
@@ -146,3 +148,21 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{'pixel acc':<{width}}  {result['acc']:7.4f}")
     lines.append(f"{'val loss':<{width}}  {result['loss']:7.4f}")
     return "\n".join(lines)
+
+
+def predict_checkpoint(cfg: DictConfig, run_dir: Path) -> float:
+    """``mode=predict resume=<checkpoint> predict.input=<folder>``: masks and overlays; returns the image count."""
+    from segtrain.inference import sliding_window_from
+    from segtrain.predict import output_dir_for, predict_folder
+
+    if not cfg.get("resume") or not cfg.get("predict", {}).get("input"):
+        raise ConfigError("mode=predict needs resume=<checkpoint or run dir> and predict.input=<folder of images>")
+    path = checkpoint_path(cfg.resume)
+    components, _ = build(cfg)
+    load_model_state(components.model, load_checkpoint(path)["model"], strict=True)
+    palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
+    sliding = sliding_window_from(cfg.trainer.val_mode, cfg.trainer.get("window"), cfg.trainer.get("stride"))
+    written = predict_folder(
+        components, Path(cfg.predict.input), output_dir_for(cfg, run_dir), int(cfg.dataset.batch_size), sliding, palette
+    )
+    return float(len(written) // 2)

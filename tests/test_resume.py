@@ -292,3 +292,37 @@ def test_gradient_accumulation_matches_the_large_batch():
         trainer.train_one_epoch({})
     for (name, first), second in zip(large.model.named_parameters(), small.model.parameters()):
         assert torch.allclose(first, second, atol=1e-6), name
+
+
+def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import run_train_py
+    from segtrain.build import build
+    from segtrain.registry import DATASETS
+    from segtrain.task import predict
+
+    segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1"]), tmp_path / "run")
+    images = tmp_path / "images"
+    images.mkdir()
+    shapes = DATASETS.get("shapes")("val", size=[40, 56], val_samples=3)
+    for index, name in enumerate(["a.png", "b.png", "c.jpg"]):
+        image = (shapes[index][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        if index == 2:
+            image = image[:30, :50]  # another size
+        Image.fromarray(image).save(images / name, quality=100)
+    process = run_train_py([f"hydra.run.dir={tmp_path / 'predict'}", *TINY, "mode=predict",
+                            f"resume={tmp_path / 'run' / 'best.pt'}", f"predict.input={images}"])
+    assert process.returncode == 0, process.stderr[-3000:]
+
+    components, _ = build(compose_config([*TINY, f"+model.init_from={tmp_path / 'run' / 'best.pt'}"]))
+    model = components.model.eval()
+    for name, size in (("a", (40, 56)), ("b", (40, 56)), ("c", (30, 50))):
+        mask = np.array(Image.open(tmp_path / "predict" / "predictions" / f"{name}.png"))
+        overlay = Image.open(tmp_path / "predict" / "predictions" / f"{name}_overlay.png")
+        assert mask.shape == size and overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
+        source = np.array(Image.open(next(images.glob(f"{name}.*"))).convert("RGB"))
+        with torch.no_grad():
+            expected = predict(model(torch.from_numpy(source).permute(2, 0, 1)[None].float() / 255))[0].numpy()
+        assert (mask == expected).all(), "the written mask is the model's prediction"

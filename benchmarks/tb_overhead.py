@@ -46,7 +46,7 @@ def outside_costs(overrides: list[str], validations: int, logging_steps: int) ->
     samples = fixed_samples(components.val_loader.dataset, int(cfg.trainer.log_images))
     model.eval()
     with torch.no_grad():
-        forward = seconds_per_call(lambda: model(samples[1].to(device)), repeats=5) if samples else 0.0
+        forward = seconds_per_call(lambda: [model(image[None].to(device)) for image in samples[1]], repeats=5) if samples else 0.0
     return {"grad_norm_seconds": grad_norm * logging_steps, "sample_forward_seconds": forward * validations}
 
 

@@ -128,11 +128,10 @@ class RunLog:
         self.writer.add_text(tag, text, 0)
 
     @timed
-    def predictions(self, step: int, images: torch.Tensor, masks: torch.Tensor, predicted: torch.Tensor) -> None:
+    def predictions(self, step: int, images: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], predicted: Sequence[torch.Tensor]) -> None:
         """``val/predictions``: input | ground truth | prediction | overlay for each fixed sample, with a class legend."""
-        panel = visualize.prediction_panel(
-            images.float().cpu().numpy(), masks.cpu().numpy(), predicted.cpu().numpy(), self.class_names, self.palette, self.image_size
-        )
+        arrays = [[tensor.detach().float().cpu().numpy() for tensor in tensors] for tensors in (images, masks, predicted)]
+        panel = visualize.prediction_panel(*arrays, self.class_names, self.palette, self.image_size)
         self.writer.add_image("val/predictions", panel, step, dataformats="HWC")
 
     @timed

@@ -299,9 +299,14 @@ class Trainer:
             return
         _, images, masks = self.samples
         self.model.eval()  # the uncompiled model: a batch of another size would make torch.compile recompile
-        with self.autocast_context():
-            predicted = predict(self.model(images.to(self.device)))
+        with self.autocast_context():  # one sample at a time, as validation sees it: sizes may differ
+            predicted = [predict(self.validation_logits(image[None].to(self.device)))[0] for image in images]
         self.run_log.predictions(self.state.step, images, masks, predicted)
+
+    def validation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        if self.sliding_window is None:
+            return self.model(images)
+        return sliding_window_logits(self.model, images, self.sliding_window)
 
     def warn_if_single_class(self, metrics: dict[str, Any]) -> None:
         predicted = metrics["predicted_classes"]

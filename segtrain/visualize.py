@@ -105,7 +105,7 @@ def fit_tile(array: np.ndarray, tile_size: int, smooth: bool) -> np.ndarray:
         size = (max(1, round(width * tile_size / longer)), max(1, round(height * tile_size / longer)))
         resample = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST  # masks keep exact class colours
         return np.asarray(Image.fromarray(array).resize(size, resample))
-    factor = max(1, tile_size // longer)
+    factor = max(1, tile_size // longer)  # whole factors keep every sample pixel a square block
     return array.repeat(factor, 0).repeat(factor, 1) if factor > 1 else array
 
 
@@ -147,17 +147,18 @@ def legend(class_names: Sequence[str], palette: np.ndarray, width: int) -> Image
 
 
 def prediction_panel(
-    images: np.ndarray,
-    masks: np.ndarray,
-    predictions: np.ndarray,
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    predictions: Sequence[np.ndarray],
     class_names: Sequence[str],
     palette: np.ndarray,
     tile_size: int = 128,
 ) -> np.ndarray:
     """One picture of fixed validation samples: a row per sample (per axis in 3D) of input | ground truth | prediction | overlay.
 
-    ``images`` is ``(N, C, *spatial)``, ``masks`` and ``predictions`` ``(N, *spatial)``.
-    Column titles on top, sample labels on the left, a legend of class colours below.
+    Each image is ``(C, *spatial)``, each mask and prediction ``(*spatial)``; samples may
+    differ in size. Every tile sits in a ``tile_size`` square cell (top left). Column
+    titles on top, sample labels on the left, a legend of class colours below.
     """
     rows = []
     for index, (image, mask, prediction) in enumerate(zip(images, masks, predictions)):
@@ -172,7 +173,7 @@ def prediction_panel(
             ]
             rows.append((f"#{index} {view}".strip(), tiles))
     labels = [label for label, _ in rows]
-    tile_shape = rows[0][1][0].shape[:2]
+    tile_shape = (tile_size, tile_size)
     _, _, bottom, right = tile_box(len(rows) - 1, len(COLUMNS) - 1, tile_shape, labels)
     width, grid_height = right + GAP, bottom + GAP
     key = legend(class_names, palette, width)
@@ -241,16 +242,15 @@ def confusion_heatmap(matrix: np.ndarray | torch.Tensor, class_names: Sequence[s
     return np.asarray(canvas)
 
 
-def fixed_samples(dataset: torch.utils.data.Dataset, count: int) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+def fixed_samples(dataset: torch.utils.data.Dataset, count: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]] | None:
     """``count`` validation samples spread evenly over the split: the same ones at every validation.
 
-    Returns their indices, images ``(N, C, *spatial)`` and masks ``(N, *spatial)``; None when ``count`` is 0.
+    Returns their indices, images ``(C, *spatial)`` and masks ``(*spatial)`` (kept apart: sizes
+    may differ between samples); None when ``count`` is 0.
     """
     count = min(count, len(dataset))
     if count <= 0:
         return None
     indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, count).round()})
     pairs = [dataset[index] for index in indices]
-    images = torch.stack([torch.as_tensor(image) for image, _ in pairs])
-    masks = torch.stack([torch.as_tensor(mask) for _, mask in pairs])
-    return indices, images, masks
+    return indices, [torch.as_tensor(image) for image, _ in pairs], [torch.as_tensor(mask) for _, mask in pairs]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
@@ -88,7 +89,7 @@ def test_prediction_panel_shows_the_fixed_samples_in_the_palette(tiny_run):
         assert picture.shape[1] == event.width == right + visualize.GAP
         assert picture.shape[0] == event.height > bottom  # the legend sits below the grid
     picture = decode(last)
-    for row, mask in enumerate(masks.numpy()):
+    for row, mask in enumerate(mask.numpy() for mask in masks):
         top, left, bottom, right = visualize.tile_box(row, 1, tile, labels)
         truth = picture[top:bottom, left:right]
         expected = mask.repeat(4, 0).repeat(4, 1)
@@ -98,7 +99,7 @@ def test_prediction_panel_shows_the_fixed_samples_in_the_palette(tiny_run):
         top, left, bottom, right = visualize.tile_box(row, 2, tile, labels)
         predicted_colours = {tuple(c) for c in picture[top:bottom, left:right].reshape(-1, 3)}
         assert predicted_colours <= {tuple(c) for c in palette}
-    assert set(np.unique(masks.numpy())) == {0, 1, 2, 3}, "the fixed samples show every class"
+    assert set(np.unique(torch.stack(masks).numpy())) == {0, 1, 2, 3}, "the fixed samples show every class"
     assert (decode(first)[:bottom] == picture[:bottom])[:, : visualize.tile_box(0, 2, tile, labels)[1]].all(), (
         "input and ground truth columns are the same samples at every validation"
     )

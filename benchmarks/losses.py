@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import sigmoid_focal_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from segtrain.losses import build_loss  # noqa: E402
+from segtrain.losses import build_loss, prepare_target, softmax_focal_loss  # noqa: E402
 
 IGNORE_INDEX = 255
 GAMMA = 2.0
@@ -55,8 +55,13 @@ def methods(target: Tensor, num_classes: int) -> dict[str, Callable[[Tensor], Te
     focal = build_loss("focal", gamma=GAMMA, alpha=None, activation="softmax", ignore_index=IGNORE_INDEX)
     # torchvision's loss takes a float target of the logits' shape and knows no ignore index.
     one_hot = F.one_hot(target.clamp_max(num_classes - 1), num_classes).movedim(-1, 1).float()
+    # The fused focal alone, on a target checked once beforehand: what the per-step check costs.
+    checked = prepare_target(one_hot, target, loss="focal", ignore_index=IGNORE_INDEX, softmax=True)
     return {
         "segtrain focal (softmax)": lambda x: focal(x, target),
+        "  same, target pre-checked": lambda x: softmax_focal_loss(
+            x, checked.index, GAMMA, None, checked.ignored
+        ).sum() / checked.num_counted,
         "F.cross_entropy": lambda x: F.cross_entropy(x, target, ignore_index=IGNORE_INDEX),
         "per-class-loop focal": lambda x: naive_focal(x, target),
         "torchvision sigmoid_focal_loss": lambda x: sigmoid_focal_loss(x, one_hot, gamma=GAMMA, reduction="mean"),

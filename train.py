@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import segtrain.run
+import segtrain.sweep
 from segtrain.errors import USER_ERRORS
 from segtrain.trainer import Interrupted
 
@@ -25,8 +26,11 @@ log = logging.getLogger("segtrain")
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float:
     """Returns the best val mIoU, so Hydra sweepers can optimise it."""
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        return segtrain.run.main(cfg, HydraConfig.get().runtime.output_dir)
+        if segtrain.sweep.in_multirun():  # skips finished jobs, resumes interrupted ones, a failed job returns NaN
+            return segtrain.sweep.run_sweep_job(cfg, run_dir, segtrain.run.main)
+        return segtrain.run.main(cfg, run_dir)
     except Interrupted as stop:
         where = f"python train.py resume={stop.checkpoint}" if stop.checkpoint else "(no checkpoint: trainer.save_checkpoints=false)"
         log.error("%s at a step boundary; resume with: %s", stop, where)

@@ -1,0 +1,64 @@
+"""The speed benchmarks keep working: each runs in its ``--smoke`` mode (a few CPU steps) as a
+user would run it, and prints its table. Not timed tests: no speed is asserted."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def run_benchmark(script: str) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}  # --smoke stays on the CPU anyway
+    process = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke"], cwd=REPO, capture_output=True, text=True, timeout=180, env=env
+    )
+    assert process.returncode == 0, f"{script} --smoke failed:\n{process.stdout[-3000:]}\n{process.stderr[-5000:]}"
+    return process.stdout
+
+
+def table(stdout: str) -> list[dict[str, str]]:
+    """The Markdown table a benchmark prints, as one dict per row."""
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, f"no table in:\n{stdout}"
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def positive(value: str) -> bool:
+    number = float(value.split()[0])
+    return math.isfinite(number) and number > 0
+
+
+def test_overhead_smoke():
+    rows = table(run_benchmark("overhead.py"))
+    assert [row["model"] for row in rows] == ["unet", "lraspp_mobilenet_v3_large"]
+    for row in rows:
+        assert all(positive(row[key]) for key in ("plain steps/s", "segtrain steps/s", "ratio (wall)", "ratio (CPU)")), row
+        assert row[">= 0.97"] in ("yes", "no")
+
+
+def test_gpu_smoke_runs_the_cpu_code_path():
+    stdout = run_benchmark("gpu.py")
+    assert "no CUDA or --smoke" in stdout
+    rows = table(stdout)
+    assert [(row["model"], row["switches"]) for row in rows] == [
+        ("unet", "fp32"), ("unet", "bf16 + channels_last"), ("deeplabv3_resnet50", "fp32")
+    ]
+    for row in rows:
+        assert positive(row["plain img/s"]) and positive(row["segtrain img/s"]) and positive(row["ratio"]), row
+        assert row["peak memory GB"] == "n/a (CPU)"
+
+
+def test_scaling_smoke():
+    rows = table(run_benchmark("scaling.py"))
+    assert [(row["sweep"], row["size"], row["train"]) for row in rows] == [
+        ("image size", "16x16", "8"), ("image size", "32x32", "8"), ("samples", "32x32", "8"), ("samples", "32x32", "32")
+    ]
+    for row in rows:
+        assert positive(row["epoch s (median 2..N)"]) and positive(row["last / 2nd epoch"]), row
+    assert [row["work x"] for row in rows] == ["1", "4", "1", "4"]

@@ -121,7 +121,7 @@ def build_bench(overrides: list[str], run_dir: Path) -> Bench:
         (images.to(components.device).to(memory_format=memory_format), masks.to(components.device))
         for images, masks in components.train_loader
     ]
-    fp16 = PRECISIONS[cfg.trainer.precision] == torch.float16 and components.device.type == "cuda"
+    fp16 = trainer.dtype == torch.float16 and components.device.type == "cuda"
     return Bench(cfg, components, trainer, timer, batches, torch.amp.GradScaler("cuda") if fp16 else None)
 
 

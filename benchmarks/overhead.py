@@ -10,7 +10,9 @@ batches already in memory (zero_grad, forward, loss, backward, step; no logging)
 one warm-up round of each, the two alternate in rounds of ``--steps`` optimizer steps
 (segtrain first in odd rounds, plain first in even ones); the table gives medians over
 rounds. "ratio" is segtrain's steps/s over the plain loop's (1.00: no overhead), from wall
-time and from process CPU time (the latter less disturbed by other processes).
+time and from process CPU time (the latter less disturbed by other processes); "ratio range"
+the lowest and highest round; "overhead ms/step" the difference of the median step times;
+"data wait" the share of segtrain's time blocked on its DataLoader's next().
 """
 from __future__ import annotations
 
@@ -66,10 +68,11 @@ def main() -> None:
             model, f"{timings.steps_per_second('plain'):.3f}", f"{timings.steps_per_second('segtrain'):.3f}",
             f"{ratio:.3f}", f"{timings.ratio('cpu'):.3f}", f"{min(timings.plain_wall[i] / w for i, w in enumerate(timings.segtrain_wall)):.3f}"
             f"-{max(timings.plain_wall[i] / w for i, w in enumerate(timings.segtrain_wall)):.3f}",
+            f"{1000 * (1 / timings.steps_per_second('segtrain') - 1 / timings.steps_per_second('plain')):.1f}",
             f"{100 * timings.data_wait_fraction():.2f} %", "yes" if ratio >= TARGET else "no",
         ])
     print_table(
-        ["model", "plain steps/s", "segtrain steps/s", "ratio (wall)", "ratio (CPU)", "ratio range", "segtrain data wait", f">= {TARGET}"],
+        ["model", "plain steps/s", "segtrain steps/s", "ratio (wall)", "ratio (CPU)", "ratio range", "overhead ms/step", "segtrain data wait", f">= {TARGET}"],
         rows,
     )
 

@@ -1,0 +1,296 @@
+"""Images and masks from folders (``dataset=folder``), paired by file stem.
+
+``a.jpg`` in the image folder pairs with ``a.png`` in the mask folder. Images: png, jpg,
+tif or bmp, grayscale or RGB, 8 or 16 bit. Masks: 8- or 16-bit grayscale, palette, or
+RGB colour-coded (with ``mask_values`` triplets). Volumes (3D): ``.npy`` files, image
+``(D, H, W)`` or ``(C, D, H, W)``, mask ``(D, H, W)``.
+
+Mask pixel values become class indices through :class:`MaskEncoder`: ``mask_values[c]``
+is the value (or ``[R, G, B]`` colour) of class ``c``; without ``mask_values`` the value
+is the class index. The pre-flight audit (:mod:`segtrain.audit`) checks every pair once
+before training, so that a bad file is named at start-up, not in a worker mid-epoch.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from segtrain.devices import ConfigError
+from segtrain.registry import DATASETS
+from segtrain.transforms import PairTransform, build_transform
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+VOLUME_EXTENSIONS = (".npy",)
+
+
+class MaskEncoder:
+    """Turns raw mask pixel values into class indices (``-1`` marks a value with no class).
+
+    Grayscale values are integers; colours are packed as ``R << 16 | G << 8 | B``.
+    """
+
+    def __init__(
+        self, num_classes: int, ignore_index: int | None, mask_values: Sequence[Any] | None, ignore_values: Sequence[int] = ()
+    ) -> None:
+        self.num_classes, self.ignore_index = int(num_classes), ignore_index
+        # Raw values mapped to the ignore index besides the ignore index itself (Cityscapes' unused ids).
+        self.ignore_values = np.asarray(sorted(ignore_values), dtype=np.int64)
+        if len(self.ignore_values) and ignore_index is None:
+            raise ConfigError("dataset.ignore_index=null: this dataset maps unused label ids to the ignore index; set one (e.g. 255)")
+        self.mask_values = None if mask_values is None else [list(v) if isinstance(v, Sequence) else v for v in mask_values]
+        self.rgb = bool(self.mask_values) and isinstance(self.mask_values[0], list)
+        if self.mask_values is None:
+            return
+        if len(self.mask_values) != self.num_classes:
+            raise ConfigError(
+                f"dataset.mask_values={self.mask_values} has {len(self.mask_values)} entries but dataset.num_classes="
+                f"{self.num_classes}: give one pixel value per class, in class order"
+            )
+        if self.rgb:
+            if not all(isinstance(v, list) and len(v) == 3 and all(0 <= int(c) <= 255 for c in v) for v in self.mask_values):
+                raise ConfigError(f"dataset.mask_values={self.mask_values}: colour masks need one [R, G, B] triplet (0..255) per class")
+            keys = [int(r) << 16 | int(g) << 8 | int(b) for r, g, b in self.mask_values]
+        else:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in self.mask_values):
+                raise ConfigError(f"dataset.mask_values={self.mask_values}: use integers (grayscale masks) or [R, G, B] triplets, not a mix")
+            keys = list(self.mask_values)
+            if ignore_index is not None and ignore_index in keys:
+                raise ConfigError(
+                    f"dataset.ignore_index={ignore_index} is also the pixel value of class {keys.index(ignore_index)} in "
+                    f"dataset.mask_values={self.mask_values}: pick an ignore index that is not a class value"
+                )
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"dataset.mask_values={self.mask_values}: two classes share a pixel value")
+        order = np.argsort(keys)
+        self._keys = np.asarray(keys, dtype=np.int64)[order]
+        self._classes = order.astype(np.int64)
+
+    def classes_of(self, values: np.ndarray) -> np.ndarray:
+        """Class index of each raw value (any shape), the ignore index for ignored values, -1 for unknown ones."""
+        values = values.astype(np.int64, copy=False)
+        if self.mask_values is None:
+            known = (values >= 0) & (values < self.num_classes)
+            classes = np.where(known, values, -1)
+        else:
+            position = np.clip(np.searchsorted(self._keys, values), 0, len(self._keys) - 1)
+            classes = np.where(self._keys[position] == values, self._classes[position], -1)
+        if self.ignore_index is not None and not self.rgb:
+            classes = np.where((values == self.ignore_index) | np.isin(values, self.ignore_values), self.ignore_index, classes)
+        return classes
+
+    def encode(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Class-index mask (int64) from a raw mask; raises naming the file for unknown values."""
+        classes = self.classes_of(raw)
+        if (classes < 0).any():
+            unknown = np.unique(raw[classes < 0])[:8]
+            raise ValueError(f"{path}: mask values {[self.describe(v) for v in unknown]} belong to no class ({self.expected()})")
+        return classes
+
+    def describe(self, value: int) -> str:
+        value = int(value)
+        return f"[{value >> 16 & 255}, {value >> 8 & 255}, {value & 255}]" if self.rgb else str(value)
+
+    def expected(self) -> str:
+        valid = f"dataset.mask_values={self.mask_values}" if self.mask_values is not None else f"[0, {self.num_classes}) with dataset.num_classes={self.num_classes}"
+        return valid + (f", ignore {self.ignore_index}" if self.ignore_index is not None else "")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Image ``(C, H, W)`` (uint8, uint16 or float32) or volume ``(C, D, H, W)`` from ``.npy``."""
+    if path.suffix.lower() in VOLUME_EXTENSIONS:
+        volume = np.load(path)
+        return volume[None] if volume.ndim == 3 else volume
+    with Image.open(path) as image:
+        if image.mode in ("P", "RGBA", "LA", "CMYK", "YCbCr"):
+            image = image.convert("RGB" if image.mode != "LA" else "L")
+        array = np.array(image)
+    if array.dtype == np.int32:  # PIL's "I" mode: 16-bit data widened
+        array = array.astype(np.uint16) if array.min() >= 0 and array.max() < 2**16 else array.astype(np.float32)
+    if array.dtype not in (np.uint8, np.uint16):
+        array = array.astype(np.float32)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def read_mask(path: Path, rgb: bool) -> np.ndarray:
+    """Raw mask values ``(H, W)`` (or ``(D, H, W)``); colours packed as ``R << 16 | G << 8 | B`` when ``rgb``."""
+    if path.suffix.lower() in VOLUME_EXTENSIONS:
+        return np.load(path)
+    with Image.open(path) as image:
+        if rgb:
+            array = np.array(image.convert("RGB")).astype(np.int64)
+            return array[..., 0] << 16 | array[..., 1] << 8 | array[..., 2]
+        if image.mode == "P":
+            return np.array(image)  # palette indices are the values (VOC's class ids)
+        array = np.array(image)
+    if array.ndim == 3:
+        if not (array[..., :3] == array[..., :1]).all():
+            raise ValueError(
+                f"{path}: the mask is in colour but dataset.mask_values holds integers (or is null): "
+                "set dataset.mask_values to one [R, G, B] triplet per class"
+            )
+        array = array[..., 0]
+    return array
+
+
+def image_channels(path: Path) -> int:
+    """Channels of an image file, from its header (or a memory map for ``.npy``)."""
+    if path.suffix.lower() in VOLUME_EXTENSIONS:
+        shape = np.load(path, mmap_mode="r").shape
+        return 1 if len(shape) == 3 else shape[0]
+    with Image.open(path) as image:
+        return 3 if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else 1
+
+
+@dataclass
+class Pairing:
+    pairs: list[tuple[Path, Path]]
+    unpaired_images: list[Path] = field(default_factory=list)
+    unpaired_masks: list[Path] = field(default_factory=list)
+
+
+def pair_by_stem(image_dir: Path, mask_dir: Path, key: str) -> Pairing:
+    """Pairs ``image_dir/a.*`` with ``mask_dir/a.*``; ``key`` names the config keys in errors."""
+    for folder, which in ((image_dir, "images"), (mask_dir, "masks")):
+        if not folder.is_dir():
+            raise ConfigError(f"dataset.{key}_{which}: folder {folder} does not exist (relative paths resolve against dataset.root)")
+    images, masks = _by_stem(image_dir, f"dataset.{key}_images"), _by_stem(mask_dir, f"dataset.{key}_masks")
+    pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
+    return Pairing(
+        pairs,
+        [images[stem] for stem in sorted(images) if stem not in masks],
+        [masks[stem] for stem in sorted(masks) if stem not in images],
+    )
+
+
+def _by_stem(folder: Path, key: str) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS + VOLUME_EXTENSIONS or path.name.startswith("."):
+            continue
+        if path.stem in files:
+            raise ConfigError(f"{key}: {files[path.stem].name} and {path.name} in {folder} share the stem {path.stem!r}; keep one")
+        files[path.stem] = path
+    return files
+
+
+class SegmentationFiles(Dataset):
+    """(image, mask) pairs of files, read, encoded to class indices and transformed.
+
+    Returns ``image`` float32 ``(C, *spatial)`` and ``mask`` int64 ``(*spatial)``.
+    ``unpaired_images`` / ``unpaired_masks`` are kept for the audit to report.
+    """
+
+    def __init__(
+        self,
+        pairs: list[tuple[Path, Path]],
+        encoder: MaskEncoder,
+        transform: PairTransform,
+        in_channels: int | None,
+        split: str,
+        unpaired_images: list[Path] | None = None,
+        unpaired_masks: list[Path] | None = None,
+        class_names: list[str] | None = None,
+        cache: bool = False,
+    ) -> None:
+        self.pairs, self.encoder, self.transform, self.split = pairs, encoder, transform, split
+        # Decoded (image, class mask) arrays by index, per DataLoader worker: for small data sets
+        # whose decoding (a 512x512 PNG: tens of ms) would dominate the step.
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self.unpaired_images, self.unpaired_masks = unpaired_images or [], unpaired_masks or []
+        if class_names is not None:
+            self.class_names = list(class_names)
+        # dataset.in_channels=null: the first image decides; other files are converted to match.
+        self.in_channels = int(in_channels) if in_channels is not None else (image_channels(pairs[0][0]) if pairs else 3)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cache is not None and index in self._cache:
+            image, mask = self._cache[index]
+        else:
+            image, mask = self.read(index)
+            if self._cache is not None:
+                self._cache[index] = (image, mask)
+        # Copies: the transforms must never write into cached arrays.
+        return self.transform(torch.from_numpy(image.copy()), torch.from_numpy(mask.copy()))
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded image ``(C, *spatial)`` with ``in_channels`` channels and its class-index mask."""
+        image_path, mask_path = self.pairs[index]
+        image = self._channels(read_image(image_path), image_path)
+        mask = self.encoder.encode(read_mask(mask_path, self.encoder.rgb), mask_path)
+        return np.ascontiguousarray(image), mask
+
+    def _channels(self, image: np.ndarray, path: Path) -> np.ndarray:
+        channels = image.shape[0]
+        if channels == self.in_channels:
+            return image
+        if channels == 1:
+            return np.repeat(image, self.in_channels, axis=0)
+        if self.in_channels == 1 and channels == 3:
+            weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *([1] * (image.ndim - 1)))
+            gray = (image.astype(np.float32) * weights).sum(0, keepdims=True)
+            return gray.astype(image.dtype) if image.dtype != np.float32 else gray
+        raise ValueError(f"{path}: {channels} channels, but dataset.in_channels={self.in_channels}")
+
+
+def split_off(pairs: list[tuple[Path, Path]], fraction: float, seed: int) -> tuple[list, list]:
+    """(train, val): a seeded, disjoint split of ``pairs`` with ``fraction`` (at least one pair) held out."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"dataset.val_fraction={fraction}: with dataset.val_images=null, hold out a fraction in (0, 1)")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    held_out = max(1, round(fraction * len(pairs))) if len(pairs) > 1 else 0
+    val = sorted(int(i) for i in order[:held_out])
+    train = sorted(int(i) for i in order[held_out:])
+    return [pairs[i] for i in train], [pairs[i] for i in val]
+
+
+@DATASETS.register("folder")
+def folder(
+    split: str,
+    root: str,
+    train_images: str,
+    train_masks: str,
+    num_classes: int,
+    val_images: str | None = None,
+    val_masks: str | None = None,
+    val_fraction: float = 0.2,
+    in_channels: int | None = None,
+    ignore_index: int | None = None,
+    class_names: list[str] | None = None,
+    mask_values: list[Any] | None = None,
+    size: int | list[int] | None = None,
+    augment: str | list[Any] | None = "light",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    seed: int = 0,
+    cache: bool = False,
+) -> SegmentationFiles:
+    """Your images and masks: see ``configs/dataset/folder.yaml`` for every key."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise ConfigError(f"dataset.root={root}: folder not found (relative to {Path.cwd()}, where train.py was started)")
+    if (val_images is None) != (val_masks is None):
+        raise ConfigError("dataset.val_images and dataset.val_masks: set both (a separate val split) or neither (split by dataset.val_fraction)")
+    if split == "train" or val_images is None:
+        pairing = pair_by_stem(root_path / train_images, root_path / train_masks, "train")
+    else:
+        pairing = pair_by_stem(root_path / val_images, root_path / val_masks, "val")
+    pairs = pairing.pairs
+    if val_images is None:
+        train_pairs, val_pairs = split_off(pairs, val_fraction, seed)
+        pairs = train_pairs if split == "train" else val_pairs
+    dims = 3 if pairs and pairs[0][0].suffix.lower() in VOLUME_EXTENSIONS else 2
+    transform = build_transform(split == "train", size, augment, ignore_index, mean, std, dims=dims)
+    return SegmentationFiles(
+        pairs, MaskEncoder(num_classes, ignore_index, mask_values), transform, in_channels, split,
+        pairing.unpaired_images, pairing.unpaired_masks, class_names, cache,
+    )

@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+import segtrain.distributed
 import segtrain.run
 import segtrain.sweep
 from segtrain.errors import USER_ERRORS
@@ -41,4 +42,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = segtrain.distributed.prepare_torchrun_argv(sys.argv)  # under torchrun: one run dir for all ranks; no -m
     main()

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segtrain import losses
 from segtrain.audit import AuditReport, audit, can_audit, log_report
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.data import EpochSampler
 from segtrain.devices import ConfigError, resolve_device
+from segtrain.distributed import ShardSampler, world, wrap_model
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels
 
@@ -86,8 +87,16 @@ def seed_worker(worker_id: int) -> None:
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device) -> DataLoader:
-    """Training: a seeded shuffle per epoch (``EpochSampler``), resumable mid-epoch; validation: in order."""
-    sampler = EpochSampler(dataset, batch_size, shuffle=True, seed=seed) if train else None
+    """Training: a seeded shuffle per epoch (``EpochSampler``), resumable mid-epoch; validation: in order.
+
+    Under DDP each process loads its shard (``batch_size`` is per process): training takes
+    every ``world.size``-th sample of the epoch's shuffle, validation every ``world.size``-th
+    image with no padding duplicates.
+    """
+    shard = world()
+    sampler: Sampler | None = EpochSampler(dataset, batch_size, shuffle=True, seed=seed, num_replicas=shard.size, rank=shard.rank) if train else None
+    if not train and shard.size > 1:
+        sampler = ShardSampler(dataset, shard.size, shard.rank)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -200,6 +209,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
         model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
     model = build_model(model_cfg, out_channels).to(device)
+    model = wrap_model(model, device, bool(cfg.trainer.get("sync_bn", False)))  # DDP when torch.distributed runs
     log.info(
         "model: %s (%.2f M parameters, %d output channels for %d classes)",
         cfg.model.get("name", cfg.model.get("_target_")), count_parameters(model) / 1e6, out_channels, num_classes,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -14,11 +15,13 @@ class ConfigError(ValueError):
 
 
 def resolve_device(device_list: Sequence[int] | None) -> torch.device:
-    """``None``: CUDA device 0 if available, else the CPU; ``[]``: the CPU; ``[i]``: CUDA device i."""
+    """``None``: CUDA device 0 if available, else the CPU; ``[]``: the CPU; ``[i]``: CUDA device i;
+    ``[i, j, ...]``: the entry of this DDP process (``LOCAL_RANK``)."""
     if device_list is None:
         if torch.cuda.is_available():
-            log.info("device_list=null: CUDA is available, training on cuda:0 (%s)", torch.cuda.get_device_name(0))
-            return torch.device("cuda", 0)
+            index = int(os.environ.get("LOCAL_RANK", 0))  # under torchrun: one GPU per local rank
+            log.info("device_list=null: CUDA is available, training on cuda:%d (%s)", index, torch.cuda.get_device_name(index))
+            return torch.device("cuda", index)
         log.info("device_list=null: CUDA is not available, training on the CPU")
         return torch.device("cpu")
     devices = list(device_list)
@@ -37,11 +40,20 @@ def resolve_device(device_list: Sequence[int] | None) -> torch.device:
         if not 0 <= index < visible:
             names = ", ".join(f"{i}: {torch.cuda.get_device_name(i)}" for i in range(visible))
             raise ConfigError(f"device_list={devices}: no CUDA device {index}; visible devices are {names}")
-    if len(devices) > 1:
-        raise ConfigError(
-            f"device_list={devices}: training on several devices (DDP) is not implemented yet; "
-            f"use one device, e.g. device_list=[{devices[0]}]"
-        )
-    device = torch.device("cuda", devices[0])
+    index = devices[0]
+    if len(devices) > 1:  # DDP: one process per entry; LOCAL_RANK (set by train.py's spawn or by torchrun) picks it
+        if "LOCAL_RANK" not in os.environ:
+            raise ConfigError(
+                f"device_list={devices}: several devices train with DDP, one process each; run train.py "
+                "(it spawns them) or torchrun, not this function alone"
+            )
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= len(devices):
+            raise ConfigError(
+                f"device_list={devices}: LOCAL_RANK={local_rank} has no entry; give torchrun --nproc-per-node={len(devices)}"
+            )
+        index = devices[local_rank]
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)  # NCCL and the default CUDA stream of this process use its own device
     log.info("device_list=%s: training on %s (%s)", devices, device, torch.cuda.get_device_name(device))
     return device

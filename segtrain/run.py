@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from segtrain import distributed
 from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.devices import ConfigError
@@ -23,6 +24,11 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
     """Dispatch on ``mode``; returns the best val mIoU (train) or the checkpoint's val mIoU (eval)."""
     mode = cfg.get("mode", "train")
     if mode == "train":
+        if distributed.needs_spawn(cfg):  # device_list=[0,1,...] or trainer.cpu_processes=N: one DDP worker each
+            return distributed.launch(cfg, run_dir, train)
+        if distributed.under_torchrun():
+            with distributed.process_group(cfg):
+                return train(cfg, run_dir)
         return train(cfg, run_dir)
     if mode == "eval":
         return evaluate_checkpoint(cfg, Path(run_dir))
@@ -63,9 +69,21 @@ def checkpoint_path(resume: str) -> Path:
     return path
 
 
+class SilentRunLog:
+    """The run log of DDP ranks other than 0: every call does nothing."""
+
+    seconds = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
 def make_trainer(cfg: DictConfig, components: Components, run_cfg: DictConfig, run_dir: Path, run_log: RunLog) -> Trainer:
     config = OmegaConf.to_container(run_cfg, resolve=True)
-    settings = TrainerSettings(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    settings = TrainerSettings(**{key: value for key, value in trainer_cfg.items() if key not in distributed.DISTRIBUTED_KEYS})
+    if not distributed.is_main():  # rank 0 alone writes checkpoints and shows the progress bar
+        settings.save_checkpoints, settings.progress_bar = False, False
     return Trainer(
         components.model, components.loss_fn, components.optimizer, components.scheduler,
         components.train_loader, components.val_loader, components.device,
@@ -90,13 +108,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         log.info("resuming from %s (epoch %d, batch %d, step %d); writing into %s", path, state["epoch"], state["batch"], state["step"], run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     components, run_cfg = build(cfg)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
+    if distributed.is_main():
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
     # On resume, TensorBoard drops events logged after the checkpoint, so curves have no duplicate points.
     palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
     run_log = RunLog(
         run_dir, components.class_names, palette, cfg.trainer.log_image_size,
         purge_step=checkpoint["state"]["step"] + 1 if checkpoint else None,
-    )
+    ) if distributed.is_main() else SilentRunLog()  # one TensorBoard writer and metrics.json per run: rank 0's
     if checkpoint is None:
         run_log.text("config", "```\n" + OmegaConf.to_yaml(run_cfg, resolve=True) + "\n```")
         run_log.hparams(OmegaConf.to_container(run_cfg, resolve=True), job_overrides())
@@ -104,6 +123,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     if checkpoint is not None:
         trainer.load(checkpoint)
     log.info("run dir: %s; %d optimizer steps", run_dir, components.total_steps)
+    processes = distributed.world().size
+    if processes > 1:
+        log.info(
+            "DDP: %d processes, dataset.batch_size=%d per process, global batch %d",
+            processes, cfg.dataset.batch_size, processes * cfg.dataset.batch_size * cfg.trainer.accumulate,
+        )
     try:
         with logging_redirect_tqdm():
             metrics = trainer.fit()

@@ -1,4 +1,4 @@
-"""What TensorBoard logging costs a run: ``python benchmarks/tb_overhead.py [train.py overrides ...]``.
+"""What TensorBoard logging costs a run: ``python benchmarks/tb_overhead.py [--run-dir DIR] [train.py overrides ...]``.
 
 Runs ``python train.py`` (the default command unless overrides are given) into a
 temporary run dir and reads ``metrics.json``: ``log_seconds`` is the wall time spent
@@ -50,12 +50,21 @@ def outside_costs(overrides: list[str], validations: int, logging_steps: int) ->
     return {"grad_norm_seconds": grad_norm * logging_steps, "sample_forward_seconds": forward * validations}
 
 
+def run(run_dir: str, overrides: list[str]) -> dict:
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+    print("running:", " ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
 def main(overrides: list[str]) -> None:
-    with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
-        print("running:", " ".join(command[1:]), flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    """``--run-dir DIR`` first keeps the run (e.g. for docs/make_pictures.py); else it goes to a temporary dir."""
+    if overrides[:1] == ["--run-dir"]:
+        metrics = run(overrides[1], overrides[2:])
+        overrides = overrides[2:]
+    else:
+        with tempfile.TemporaryDirectory() as run_dir:
+            metrics = run(run_dir, overrides)
     log_every = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("trainer.log_every=")), 10)
     extra = outside_costs(overrides, len(metrics["history"]), metrics["steps"] // log_every)
     wall = metrics["wall_seconds"]

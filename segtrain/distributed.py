@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -163,6 +164,9 @@ def launch(cfg: DictConfig, run_dir: str | Path, train: Callable[[DictConfig, Pa
         log_file = str(Path(HydraConfig.get().runtime.output_dir) / f"{HydraConfig.get().job.name}.log")
     log.info("DDP: spawning %d processes (%s backend)", size, backend_for(cfg))
     rendezvous = Path(tempfile.mkdtemp(prefix="segtrain-ddp-"))  # a file rendezvous: parallel runs never collide on a port
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "spawn", "fork", "forkserver"):
+        # In a joblib (loky) worker the default method is "loky"; spawned children would fail to find it.
+        multiprocessing.set_start_method("spawn", force=True)
     results = mp.get_context("spawn").SimpleQueue()
     try:
         mp.spawn(

@@ -270,6 +270,12 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), "|" + "|".join("-" * (width + 2) for width in widths) + "|", *map(line, body)])
 
 
+def short_error(error: str) -> str:
+    """First and last line of an error (a DDP rank's error carries its traceback; summary.csv keeps it all)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
+
+
 def write_summary(sweep_dir: str | Path) -> list[JobRow]:
     """Rank the jobs of ``sweep_dir`` by best val mIoU; write ``summary.csv`` and ``summary.md`` there; print the table."""
     sweep_dir = Path(sweep_dir)
@@ -284,7 +290,7 @@ def write_summary(sweep_dir: str | Path) -> list[JobRow]:
     _, common = swept_keys(rows)
     common_line = f"\nOverrides of every job: {' '.join(f'{key}={value}' for key, value in common.items())}\n" if common else ""
     failed = [row for row in ranked if row.status == "failed"]
-    notes = "".join(f"\njob {row.job} failed: {row.error}" for row in failed)
+    notes = "".join(f"\njob {row.job} failed: {short_error(row.error)}" for row in failed)
     (sweep_dir / "summary.md").write_text(
         f"# Sweep {sweep_dir}\n\nJobs ranked by best val mIoU.\n{common_line}\n{table}\n{notes}\n"
     )

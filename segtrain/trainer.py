@@ -56,6 +56,9 @@ class TrainerSettings:
     window: int | list[int] | None = None  # slide: window size (the config's default is dataset.size)
     stride: int | list[int] | None = None  # slide: step between windows; null: half the window
 
+    def __post_init__(self) -> None:
+        self.precision = str(self.precision)  # `trainer.precision=32` on the command line arrives as an int
+
 
 @dataclass
 class TrainState:
@@ -425,11 +428,21 @@ def evaluate(
         samples += images.shape[0]
         confusion.update(predict(logits), masks)
     confusion.reduce_across_processes()
+    loss_sum, samples = reduce_sum(loss_sum, samples)  # DDP: the mean over the whole split, not this process's shard
     predicted_classes = torch.nonzero(confusion.matrix.sum(0)).flatten().tolist()
     return {
         "loss": float(loss_sum) / max(samples, 1), **confusion.compute(), "predicted_classes": predicted_classes,
         "confusion_matrix": confusion.matrix.cpu(),
     }
+
+
+def reduce_sum(loss_sum: torch.Tensor, samples: int) -> tuple[torch.Tensor, int]:
+    """Sums over all processes (DDP); unchanged without torch.distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return loss_sum, samples
+    totals = torch.stack([loss_sum.double(), torch.tensor(float(samples), dtype=torch.float64, device=loss_sum.device)])
+    torch.distributed.all_reduce(totals)
+    return totals[0], int(totals[1])
 
 
 def named_metrics(metrics: dict[str, Any], class_names: list[str]) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def tiny_config() -> DictConfig:
 
 def run_train_py(args: list[str], cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``python train.py ARGS`` as a user would; returns the finished process (not checked)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    # One thread per tiny run: torch's default thread pool costs more than it gives at these
+    # sizes, and far more when several processes share the cores.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -6,7 +6,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, TINY_3D, compose_config
+from hydra import compose, initialize_config_dir
+
+from conftest import CONFIGS, TINY, TINY_3D, compose_config
 from segtrain.build import build_model
 from segtrain.checkpoint import load_checkpoint
 
@@ -45,8 +47,8 @@ def test_train_py_leaves_metrics_checkpoints_and_event_files(tmp_path, train_py)
         assert checkpoint["config"]["model"]["width"] == 8
         model = build_model(checkpoint["config"]["model"], out_channels=4)
         model.load_state_dict(checkpoint["model"])  # the weights fit the architecture named in the checkpoint
-    assert load_checkpoint(tmp_path / "last.pt")["step"] == metrics["steps"]
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == metrics["best_epoch"]
+    assert load_checkpoint(tmp_path / "last.pt")["state"]["step"] == metrics["steps"]
+    assert load_checkpoint(tmp_path / "best.pt")["state"]["best_epoch"] == metrics["best_epoch"]
 
 
 def test_3d_run_trains_and_validates_on_the_cpu(tmp_path, train_py):
@@ -91,7 +93,10 @@ def test_default_config_composes_with_contract_keys():
                 "dataset.size", "optimizer.lr"):
         assert key.split(".")[-1] in (cfg if "." not in key else cfg[key.split(".")[0]]), key
     assert cfg.model.num_classes == cfg.dataset.num_classes and cfg.model.in_channels == cfg.dataset.in_channels
-    assert cfg.hydra.job.chdir is False
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        hydra_cfg = compose(config_name="train", return_hydra_config=True).hydra
+    assert hydra_cfg.job.chdir is False
+    assert hydra_cfg.run.dir.startswith("outputs/${now:") and hydra_cfg.sweep.dir.startswith("outputs/multirun/${now:")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])

@@ -36,7 +36,7 @@ PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 
 @dataclass
 class TrainerSettings:
-    max_epochs: int = 12
+    max_epochs: int = 5
     max_steps: int | None = None
     val_every: int = 1
     log_every: int = 10

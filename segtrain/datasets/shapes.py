@@ -23,7 +23,7 @@ SHAPES_3D = ("ellipsoid", "box", "octahedron")
 # Class colours are mixed 70:30 with a random colour: classes overlap in colour, and shading,
 # background and noise blur them further.
 _CLASS_COLOURS = torch.tensor([[0.9, 0.3, 0.2], [0.2, 0.8, 0.3], [0.25, 0.35, 0.9]])
-_SPLIT_OFFSET = {"train": 0, "val": 1 << 40}
+_SPLIT_OFFSET = {"train": 0, "val": 2**31}
 
 
 class Shapes(Dataset):
@@ -80,7 +80,9 @@ class Shapes(Dataset):
         return image.float(), mask.long()
 
     def _generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + _SPLIT_OFFSET[self.split] + index)
+        # torch's CPU generator keeps only the low 32 bits of a seed: train seeds fill [0, 2**31),
+        # val seeds [2**31, 2**32), so the two splits can never draw the same sample.
+        rng = torch.Generator().manual_seed(_SPLIT_OFFSET[self.split] + (self.seed * 1_000_003 + index) % 2**31)
         # Coordinates in [-1, 1] per axis, shape (dims, *size).
         axes = [torch.linspace(-1, 1, n) for n in self.size]
         coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))

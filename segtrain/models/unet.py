@@ -1,6 +1,8 @@
 """UNet for 2D images and 3D volumes (Ronneberger et al. 2015; Cicek et al. 2016)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,7 +77,7 @@ class UNet(nn.Module):
             raise ValueError(f"model.norm={norm}: unknown normalisation; known: {', '.join(NORMS)}")
         if depth < 1 or width < 1:
             raise ValueError(f"model.depth={depth}, model.width={width}: both must be at least 1")
-        self.dims, self.depth = dims, depth
+        self.dims, self.depth, self.norm = dims, depth, norm
         channels = [width * 2**level for level in range(depth + 1)]
         self.encoder = nn.ModuleList([DoubleConv(in_channels, channels[0], dims, norm)])
         self.encoder.extend(DoubleConv(channels[i], channels[i + 1], dims, norm) for i in range(depth))
@@ -97,6 +99,11 @@ class UNet(nn.Module):
             raise ValueError(
                 f"input of spatial size {tuple(x.shape[2:])} is too small for model.depth={self.depth}: "
                 f"each axis needs at least {2**self.depth} voxels; lower model.depth or raise dataset.size"
+            )
+        if self.norm == "instance" and math.prod(size // 2**self.depth for size in x.shape[2:]) < 2:
+            raise ValueError(
+                f"input of spatial size {tuple(x.shape[2:])} leaves one element per channel after model.depth={self.depth} "
+                "downsamplings, where instance normalisation has no statistics; lower model.depth or use another model.norm"
             )
         skips = []
         for level, block in enumerate(self.encoder):

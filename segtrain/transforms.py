@@ -9,6 +9,9 @@ flips along each axis (v2 has no 3D kernels).
 Training always brings samples to ``dataset.size`` with a random crop (padded where the
 image is smaller), so that they batch; ``dataset.augment`` adds steps after the crop.
 Validation only converts and normalises: it sees whole images.
+
+torchvision is imported inside the functions: it costs about 2 s at every ``train.py``
+start, which the generated datasets do not need.
 """
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from torchvision import tv_tensors
-from torchvision.transforms import v2
 
 from segtrain.devices import ConfigError
 
@@ -38,6 +39,8 @@ STEPS = ("hflip", "vflip", "scale", "rotate", "color_jitter")
 
 def _step(name: str, arg: Any, fill: dict[type, int]) -> v2.Transform:
     """One v2 transform from a step name and its argument (``None``: the default)."""
+    from torchvision.transforms import v2
+
     if name == "hflip":
         return v2.RandomHorizontalFlip(0.5 if arg is None else float(arg))
     if name == "vflip":
@@ -92,6 +95,9 @@ def build_transform(
 ) -> PairTransform:
     """The paired transform of one split: training crops to ``size`` and augments;
     validation converts and normalises only."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
     steps = parse_steps(augment) if train else []
     if dims == 3:
         return VolumeTransform(size if train else None, [name for name, _ in steps], ignore_index, mean, std)

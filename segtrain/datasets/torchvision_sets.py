@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from torchvision import datasets
 
 from segtrain.datasets.folder import MaskEncoder, SegmentationFiles
 from segtrain.devices import ConfigError
@@ -50,6 +49,7 @@ def open_torchvision(name: str, make: Callable[[], Any], where: str, how: str) -
 @DATASETS.register("voc")
 def voc(split: str, root: str, download: bool = False, **params: Any) -> SegmentationFiles:
     """PASCAL VOC 2012 segmentation: 21 classes, 255 marks object borders (ignored)."""
+    from torchvision import datasets
     base = Path(root) / "VOCdevkit" / "VOC2012"
     found = open_torchvision(
         "voc",
@@ -63,6 +63,7 @@ def voc(split: str, root: str, download: bool = False, **params: Any) -> Segment
 @DATASETS.register("pets")
 def pets(split: str, root: str, download: bool = False, **params: Any) -> SegmentationFiles:
     """Oxford-IIIT Pet trimaps (pixel 1 pet, 2 background, 3 border); train = trainval, val = test."""
+    from torchvision import datasets
     base = Path(root) / "oxford-iiit-pet"
     found = open_torchvision(
         "pets",
@@ -77,6 +78,7 @@ def pets(split: str, root: str, download: bool = False, **params: Any) -> Segmen
 @DATASETS.register("cityscapes")
 def cityscapes(split: str, root: str, download: bool = False, **params: Any) -> SegmentationFiles:
     """Cityscapes fine annotations: the 19 train ids; every other label id is mapped to the ignore index."""
+    from torchvision import datasets
     if download:
         raise ConfigError("dataset.download=true: Cityscapes needs a login; download it by hand from https://www.cityscapes-dataset.com")
     found = open_torchvision(

@@ -10,18 +10,19 @@ the file. Layers whose shape differs from the file (the class layers when
 In train mode a model with an auxiliary head returns ``{"out": logits, "aux": aux_logits}``
 and the trainer adds ``aux_weight`` times the loss of ``aux``; in eval mode it returns the
 logits only.
+
+torchvision is imported inside the functions: importing it costs about 2 s, which every
+``train.py`` start would pay, also with models that do not use it.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import torchvision.models
 from torch import nn
-from torchvision.models import segmentation
 
 from segtrain.devices import ConfigError
 from segtrain.registry import MODELS
@@ -46,6 +47,8 @@ class TorchvisionSegmentation(nn.Module):
 
 def weights_file(name: str, builder: str, key: str) -> Path:
     """The torch hub cache file of torchvision weights ``name``; raises if it is not there."""
+    import torchvision.models
+
     try:
         weights = torchvision.models.get_weight(name) if "." in name else torchvision.models.get_model_weights(builder)[name]
     except (KeyError, ValueError, AttributeError):
@@ -101,7 +104,7 @@ def adapt_first_conv(backbone: nn.Module, in_channels: int) -> None:
 
 
 def build(
-    builder: Callable[..., nn.Module],
+    builder_name: str,
     backbone_builder: str,
     in_channels: int,
     out_channels: int,
@@ -111,12 +114,14 @@ def build(
     aux_weight: float,
 ) -> TorchvisionSegmentation:
     # weights_backbone=None explicitly: torchvision's default would download ImageNet weights.
+    from torchvision.models import segmentation
+
     kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": out_channels}
     if aux_loss:
         kwargs["aux_loss"] = True
-    model = builder(**kwargs)
+    model = getattr(segmentation, builder_name)(**kwargs)
     if weights is not None:
-        load_weights(model, str(weights), builder.__name__, "model.weights", strip=("model.",))
+        load_weights(model, str(weights), builder_name, "model.weights", strip=("model.",))
     elif weights_backbone is not None:
         # torchvision keeps mobilenet's `features` as the backbone, so its keys lose that prefix.
         load_weights(model.backbone, str(weights_backbone), backbone_builder, "model.weights_backbone", strip=("features.",))
@@ -129,21 +134,21 @@ def build(
 def fcn_resnet50(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
                  aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
     """FCN with a ResNet-50 backbone (output stride 8)."""
-    return build(segmentation.fcn_resnet50, "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
+    return build("fcn_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
 
 
 @MODELS.register("deeplabv3_resnet50")
 def deeplabv3_resnet50(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
                        aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
     """DeepLabV3 (ASPP head) with a ResNet-50 backbone (output stride 8)."""
-    return build(segmentation.deeplabv3_resnet50, "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
+    return build("deeplabv3_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
 
 
 @MODELS.register("deeplabv3_mobilenet_v3_large")
 def deeplabv3_mobilenet_v3_large(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
                                  aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
     """DeepLabV3 with a MobileNetV3-Large backbone (output stride 16)."""
-    return build(segmentation.deeplabv3_mobilenet_v3_large, "mobilenet_v3_large", in_channels, out_channels, weights,
+    return build("deeplabv3_mobilenet_v3_large", "mobilenet_v3_large", in_channels, out_channels, weights,
                  weights_backbone, aux_loss, aux_weight)
 
 
@@ -151,5 +156,5 @@ def deeplabv3_mobilenet_v3_large(in_channels: int, out_channels: int, weights: s
 def lraspp_mobilenet_v3_large(in_channels: int, out_channels: int, weights: str | None = None,
                               weights_backbone: str | None = None) -> TorchvisionSegmentation:
     """Lite R-ASPP with a MobileNetV3-Large backbone; no auxiliary head."""
-    return build(segmentation.lraspp_mobilenet_v3_large, "mobilenet_v3_large", in_channels, out_channels, weights,
+    return build("lraspp_mobilenet_v3_large", "mobilenet_v3_large", in_channels, out_channels, weights,
                  weights_backbone, False, 0.0)

@@ -37,13 +37,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--unet-width", type=int, default=8, help="model.width of the UNet (depth: the config's 3)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round (log_every=10: one logged step per round)")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
+    parser.add_argument("--rounds", type=int, default=12)
+    # One thread by default: on a CPU shared with other processes, two threads that spin at every op's
+    # barrier made the same step up to 6x slower and the rounds far noisier (see benchmarks/README.md).
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default, one per core)")
     args = parser.parse_args()
     extra = []
     if args.smoke:
         args.size, args.batch_size, args.unet_width, args.steps, args.rounds = 64, 2, 4, 4, 1
-        args.threads = args.threads or 1  # a busy CI machine makes two spinning threads 10-100x slower
         extra = ["trainer.log_every=2"]  # so that the logging path runs in the few smoke steps
     set_threads(args.threads)
     print(f"machine: {machine()}")

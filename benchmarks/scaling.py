@@ -73,13 +73,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="two points per sweep, two epochs (CI)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)")
+    # One thread by default: on a CPU shared with other processes, two threads that spin at every op's
+    # barrier made the same step up to 6x slower and the rounds far noisier (see benchmarks/README.md).
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default, one per core)")
     args = parser.parse_args()
     sizes, samples, base_size, base_train, base_val = [32, 64, 128, 256], [1, 4, 16], 32, 64, 16
     size_train, size_val = 16, 4
     if args.smoke:
         sizes, samples, base_train, base_val, size_train, size_val, args.epochs = [16, 32], [1, 4], 8, 4, 8, 4, 2
-        args.threads = args.threads or 1  # a busy CI machine makes two spinning threads 10-100x slower
     set_threads(args.threads)
     model = ["model.width=8", "model.depth=2"]
     print(f"machine: {machine()}")

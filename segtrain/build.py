@@ -163,7 +163,8 @@ def build_scheduler(
     """A torch scheduler stepped once per optimizer step, with an optional linear warm-up."""
     params = dict(scheduler_cfg)
     name = params.pop("name")
-    warmup_steps = int(params.pop("warmup_steps", 0) or 0)
+    # A short run keeps most of its steps for the schedule: warm-up takes at most a fifth of it.
+    warmup_steps = min(int(params.pop("warmup_steps", 0) or 0), total_steps // 5)
     decay_steps = max(1, total_steps - warmup_steps)
     schedules: dict[str, Callable[[], torch.optim.lr_scheduler.LRScheduler]] = {
         "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),

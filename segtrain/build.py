@@ -1,6 +1,7 @@
 """The one place where a config becomes objects. Below this, components take plain arguments."""
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import random
@@ -51,8 +52,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def import_user_modules(modules: list[str] | None) -> None:
+    """``imports=[mypackage.models]``: import modules whose decorators register users' models, datasets, losses."""
+    for module in modules or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {module!r} ({error}); is its folder on PYTHONPATH?") from None
+
+
 def check_names(cfg: DictConfig) -> None:
     """Fail before any work when a group names something no registry knows."""
+    import_user_modules(cfg.get("imports"))
     for group, registry in (("model", MODELS), ("dataset", DATASETS), ("loss", LOSSES)):
         node = cfg[group]
         if "_target_" not in node:

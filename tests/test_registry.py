@@ -59,3 +59,34 @@ def test_unknown_loss_fails_before_any_work(tmp_path):
     assert "loss=focall: unknown loss; known:" in (process.stdout + process.stderr)
     assert "Did you mean loss=focal?" in (process.stdout + process.stderr) or "focal" not in LOSSES
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_imports_key_registers_a_users_loss_by_name(tmp_path):
+    import json
+
+    from conftest import TINY, run_train_py
+
+    (tmp_path / "my_losses.py").write_text(
+        "import torch.nn.functional as F\n"
+        "from torch import nn\n"
+        "from segtrain.registry import LOSSES\n\n"
+        "@LOSSES.register('my_ce')\n"
+        "class MyCE(nn.Module):\n"
+        "    sigmoid = False\n"
+        "    def __init__(self, **ignored):\n"
+        "        super().__init__()\n"
+        "    def forward(self, logits, target):\n"
+        "        return F.cross_entropy(logits, target)\n"
+    )
+    import os
+
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env_path}" if env_path else str(tmp_path)
+    try:
+        process = run_train_py([f"hydra.run.dir={tmp_path / 'run'}", *TINY, "trainer.max_epochs=1", "imports=[my_losses]", "~loss", "+loss.name=my_ce"])
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["finished"]
+    missing = run_train_py([f"hydra.run.dir={tmp_path / 'bad'}", *TINY, "imports=[no_such_module]"])
+    assert missing.returncode == 1 and "imports: cannot import 'no_such_module'" in missing.stdout + missing.stderr

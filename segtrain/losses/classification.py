@@ -43,11 +43,7 @@ class CrossEntropyLoss(SegLoss):
         self.label_smoothing = float(label_smoothing)
 
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
-        weight = self.weight
-        if weight is not None:
-            check_length(self, "weight", weight, logits.shape[1])
-            weight = weight.to(device=logits.device, dtype=logits.dtype)
-        ignore_index = _TORCH_NO_IGNORE if self.ignore_index is None else self.ignore_index
+        weight, ignore_index = torch_class_arguments(self, logits)
         return F.cross_entropy(
             logits,
             target.raw,
@@ -56,6 +52,15 @@ class CrossEntropyLoss(SegLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+
+def torch_class_arguments(loss: SegLoss, logits: Tensor) -> tuple[Tensor | None, int]:
+    """``weight`` (checked against C, on the logits' device and dtype) and ``ignore_index`` as torch's losses take them."""
+    weight = loss.weight
+    if weight is not None:
+        check_length(loss, "weight", weight, logits.shape[1])
+        weight = weight.to(device=logits.device, dtype=logits.dtype)
+    return weight, _TORCH_NO_IGNORE if loss.ignore_index is None else loss.ignore_index
 
 
 @register_loss("nll")
@@ -67,11 +72,7 @@ class NLLLoss(SegLoss):
         self.register_buffer("weight", class_vector(weight, "weight", scalar_ok=False), persistent=False)
 
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
-        weight = self.weight
-        if weight is not None:
-            check_length(self, "weight", weight, logits.shape[1])
-            weight = weight.to(device=logits.device, dtype=logits.dtype)
-        ignore_index = _TORCH_NO_IGNORE if self.ignore_index is None else self.ignore_index
+        weight, ignore_index = torch_class_arguments(self, logits)
         return F.nll_loss(
             F.log_softmax(logits, dim=1), target.raw, weight=weight, ignore_index=ignore_index, reduction=self.reduction
         )

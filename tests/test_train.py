@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from conftest import CONFIGS, TINY, TINY_3D, compose_config
 from segtrain.build import build_model
@@ -96,7 +97,9 @@ def test_default_config_composes_with_contract_keys():
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         hydra_cfg = compose(config_name="train", return_hydra_config=True).hydra
     assert hydra_cfg.job.chdir is False
-    assert hydra_cfg.run.dir.startswith("outputs/${now:") and hydra_cfg.sweep.dir.startswith("outputs/multirun/${now:")
+    dirs = OmegaConf.to_container(hydra_cfg, resolve=False)  # the templates, not today's date
+    assert dirs["run"]["dir"] == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    assert dirs["sweep"]["dir"] == "outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])

@@ -209,9 +209,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
     train_set, val_set = build_datasets(dataset_cfg)
-    class_names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
-    if len(class_names) != num_classes:
-        raise ConfigError(f"dataset.class_names has {len(class_names)} names but dataset.num_classes={num_classes}")
+    class_names = resolve_class_names(dataset_cfg, train_set)
     report = audit_data(train_set, val_set, class_names, dataset_cfg)
     loss_fn, loss_cfg = build_loss(
         OmegaConf.to_container(cfg.loss, resolve=True), train_set, num_classes, ignore_index, report.train_counts if report else None
@@ -229,9 +227,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     log.info("loss: %s; dataset: %s (%d train, %d val samples)", loss_cfg.get("name", loss_cfg.get("_target_")), dataset_cfg.get("name"), len(train_set), len(val_set))
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
     train_loader = build_loader(train_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], True, cfg.seed, device)
-    # Whole validation images may differ in size: dataset.val_batch_size (1 for on-disk datasets) batches them.
-    val_batch_size = dataset_cfg.get("val_batch_size") or dataset_cfg["batch_size"]
-    val_loader = build_loader(val_set, val_batch_size, dataset_cfg["num_workers"], False, cfg.seed, device)
+    val_loader = build_loader(val_set, val_batch_size(dataset_cfg), dataset_cfg["num_workers"], False, cfg.seed, device)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / int(cfg.trainer.get("accumulate", 1))))
     max_steps = cfg.trainer.max_steps
     total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch
@@ -247,6 +243,19 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     return components, run_cfg
 
 
+def resolve_class_names(dataset_cfg: dict[str, Any], train_set: Dataset) -> list[str]:
+    """``dataset.class_names``, else the dataset's own names, else ``class_<i>``; one per class."""
+    num_classes = int(dataset_cfg["num_classes"])
+    names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
+    if len(names) != num_classes:
+        raise ConfigError(f"dataset.class_names has {len(names)} names but dataset.num_classes={num_classes}")
+    return names
+
+
+def val_batch_size(dataset_cfg: dict[str, Any]) -> int:
+    """Whole validation images may differ in size: ``dataset.val_batch_size`` (1 for on-disk data) batches them."""
+    return int(dataset_cfg.get("val_batch_size") or dataset_cfg["batch_size"])
+
 
 def audit_data(
     train_set: Dataset, val_set: Dataset, class_names: list[str], dataset_cfg: dict[str, Any], log_table: bool = True
@@ -254,18 +263,15 @@ def audit_data(
     """The pre-flight audit of on-disk datasets (raises naming bad files; logs the class table); None for generated data."""
     if not (can_audit(train_set) and can_audit(val_set)):
         return None
-    val_batch_size = int(dataset_cfg.get("val_batch_size") or dataset_cfg["batch_size"])
-    report = audit({"train": train_set, "val": val_set}, class_names, val_batch_size)
+    report = audit({"train": train_set, "val": val_set}, class_names, val_batch_size(dataset_cfg))
     if log_table:
         log_report(report)
     return report
 
 
 def build_audit(cfg: DictConfig) -> AuditReport | None:
-    """Only the datasets and their audit (``audit_only=true``): no model, no device."""
+    """Only the datasets and their audit (``mode=audit``): no model, no device."""
     check_names(cfg)
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    num_classes = int(dataset_cfg["num_classes"])
     train_set, val_set = build_datasets(dataset_cfg)
-    class_names = list(dataset_cfg.get("class_names") or getattr(train_set, "class_names", None) or [f"class_{i}" for i in range(num_classes)])
-    return audit_data(train_set, val_set, class_names, dataset_cfg, log_table=False)  # the caller prints it
+    return audit_data(train_set, val_set, resolve_class_names(dataset_cfg, train_set), dataset_cfg, log_table=False)  # the caller prints it

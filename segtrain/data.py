@@ -1,7 +1,8 @@
 """Sampling that makes the data order a function of (seed, epoch), so runs resume exactly."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 from torch.utils.data import DistributedSampler
 
@@ -29,3 +30,18 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class SampleCache:
+    """Samples kept by index, for datasets whose sample ``i`` never changes (generated, or decoded
+    before augmentation). Each DataLoader worker process holds its own copy."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.entries: dict[int, Any] | None = {} if enabled else None
+
+    def get(self, index: int, make: Callable[[int], Any]) -> Any:
+        if self.entries is None:
+            return make(index)
+        if index not in self.entries:
+            self.entries[index] = make(index)
+        return self.entries[index]

@@ -62,6 +62,12 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     return starts + [size - window]
 
 
+def segment_logits(model: nn.Module, images: Tensor, sliding: SlidingWindow | None) -> Tensor:
+    """Inference logits of whole images (``sliding`` None) or of averaged windows: one entry point for
+    validation, the TensorBoard pictures, ``mode=eval`` and ``mode=predict``."""
+    return model(images) if sliding is None else sliding_window_logits(model, images, sliding)
+
+
 @torch.no_grad()
 def sliding_window_logits(model: nn.Module, images: Tensor, sliding: SlidingWindow) -> Tensor:
     """Logits ``(N, out_channels, *spatial)`` of ``images`` from averaged overlapping windows."""

@@ -12,7 +12,7 @@ from PIL import Image
 from segtrain.build import Components
 from segtrain.datasets.folder import IMAGE_EXTENSIONS, read_image
 from segtrain.devices import ConfigError
-from segtrain.inference import SlidingWindow, sliding_window_logits
+from segtrain.inference import SlidingWindow, segment_logits
 from segtrain.task import predict
 from segtrain.visualize import colourize, overlay, to_rgb
 
@@ -71,7 +71,7 @@ def predict_folder(
         if not full and following is not None and read_image_shape(following) == batch[0][2].shape[1:]:
             continue
         images = torch.stack([tensor for _, _, tensor in batch]).to(device)
-        logits = model(images) if sliding_window is None else sliding_window_logits(model, images, sliding_window)
+        logits = segment_logits(model, images, sliding_window)
         for (file, raw_image, _), classes in zip(batch, predict(logits).cpu().numpy()):
             written += write_prediction(file, raw_image, classes, output_dir, palette)
         batch = []

@@ -1,4 +1,4 @@
-"""Run a job from a composed config: what ``train.py`` calls (``mode=train | eval``)."""
+"""Run a job from a composed config: what ``train.py`` calls (``mode=train | eval | predict | audit``)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,9 @@ from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.devices import ConfigError
 from segtrain.run_log import RunLog
-from segtrain.visualize import resolve_palette
+from segtrain.inference import SlidingWindow, sliding_window_from
 from segtrain.trainer import Trainer, TrainerSettings, evaluate, named_metrics
+from segtrain.visualize import resolve_palette
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     components, run_cfg = build(cfg)
     if distributed.is_main():
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
-    # On resume, TensorBoard drops events logged after the checkpoint, so curves have no duplicate points.
     palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
     run_log = RunLog(
         run_dir, components.class_names, palette, cfg.trainer.log_image_size,
+        # On resume, TensorBoard drops events logged after the checkpoint: curves get no duplicate points.
         purge_step=checkpoint["state"]["step"] + 1 if checkpoint else None,
     ) if distributed.is_main() else SilentRunLog()  # one TensorBoard writer and metrics.json per run: rank 0's
     if checkpoint is None:
@@ -142,15 +143,24 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     return float(metrics["best_miou"])
 
 
+def model_from_checkpoint(cfg: DictConfig) -> tuple[Components, Path, SlidingWindow | None]:
+    """The run's objects with the weights of ``resume`` (strict), the checkpoint's path, and the
+    sliding window of ``trainer.val_mode``, as validation used them."""
+    path = checkpoint_path(cfg.resume)
+    components, _ = build(cfg)
+    load_model_state(components.model, load_checkpoint(path)["model"], strict=True)
+    return components, path, sliding_window_from(cfg.trainer.val_mode, cfg.trainer.get("window"), cfg.trainer.get("stride"))
+
+
 def evaluate_checkpoint(cfg: DictConfig, run_dir: Path) -> float:
     """``mode=eval resume=<checkpoint>``: per-class IoU, Dice and accuracy on the validation split."""
     if not cfg.get("resume"):
         raise ConfigError("mode=eval needs a checkpoint: add resume=<path to best.pt or last.pt, or a run dir>")
-    path = checkpoint_path(cfg.resume)
-    checkpoint = load_checkpoint(path)
-    components, _ = build(cfg)
-    load_model_state(components.model, checkpoint["model"], strict=True)
-    metrics = evaluate(components.model, components.loss_fn, components.val_loader, components.device, components.num_classes, components.ignore_index)
+    components, path, sliding = model_from_checkpoint(cfg)
+    metrics = evaluate(
+        components.model, components.loss_fn, components.val_loader, components.device, components.num_classes,
+        components.ignore_index, sliding_window=sliding,
+    )
     result: dict[str, Any] = {"checkpoint": str(path), **named_metrics(metrics, components.class_names)}
     table = format_table(result)
     print(table)
@@ -177,16 +187,12 @@ def format_table(result: dict[str, Any]) -> str:
 
 def predict_checkpoint(cfg: DictConfig, run_dir: Path) -> float:
     """``mode=predict resume=<checkpoint> predict.input=<folder>``: masks and overlays; returns the image count."""
-    from segtrain.inference import sliding_window_from
     from segtrain.predict import output_dir_for, predict_folder
 
     if not cfg.get("resume") or not cfg.get("predict", {}).get("input"):
         raise ConfigError("mode=predict needs resume=<checkpoint or run dir> and predict.input=<folder of images>")
-    path = checkpoint_path(cfg.resume)
-    components, _ = build(cfg)
-    load_model_state(components.model, load_checkpoint(path)["model"], strict=True)
+    components, _, sliding = model_from_checkpoint(cfg)
     palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
-    sliding = sliding_window_from(cfg.trainer.val_mode, cfg.trainer.get("window"), cfg.trainer.get("stride"))
     written = predict_folder(
         components, Path(cfg.predict.input), output_dir_for(cfg, run_dir), int(cfg.dataset.batch_size), sliding, palette
     )

@@ -20,9 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segtrain.checkpoint import rng_state, save_checkpoint, set_rng_state, unwrap
+from segtrain.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state, unwrap
 from segtrain.data import EpochSampler
-from segtrain.inference import SlidingWindow, sliding_window_from, sliding_window_logits
+from segtrain.inference import SlidingWindow, segment_logits, sliding_window_from
 from segtrain.losses import loss_terms
 from segtrain.metrics import ConfusionMatrix
 from segtrain.run_log import RunLog, system_scalars
@@ -303,13 +303,8 @@ class Trainer:
         _, images, masks = self.samples
         self.model.eval()  # the uncompiled model: a batch of another size would make torch.compile recompile
         with self.autocast_context():  # one sample at a time, as validation sees it: sizes may differ
-            predicted = [predict(self.validation_logits(image[None].to(self.device)))[0] for image in images]
+            predicted = [predict(segment_logits(self.model, image[None].to(self.device), self.sliding_window))[0] for image in images]
         self.run_log.predictions(self.state.step, images, masks, predicted)
-
-    def validation_logits(self, images: torch.Tensor) -> torch.Tensor:
-        if self.sliding_window is None:
-            return self.model(images)
-        return sliding_window_logits(self.model, images, self.sliding_window)
 
     def warn_if_single_class(self, metrics: dict[str, Any]) -> None:
         predicted = metrics["predicted_classes"]
@@ -344,8 +339,6 @@ class Trainer:
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         """Restore everything ``save`` wrote: weights, optimizer, scheduler, scaler, state and RNGs."""
-        from segtrain.checkpoint import load_model_state
-
         load_model_state(unwrap(self.model), checkpoint["model"], strict=True)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
@@ -423,7 +416,7 @@ def evaluate(
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast():
-            logits = model(images) if sliding_window is None else sliding_window_logits(model, images, sliding_window)
+            logits = segment_logits(model, images, sliding_window)
             loss_sum += loss_fn(logits, masks).detach().float() * images.shape[0]
         samples += images.shape[0]
         confusion.update(predict(logits), masks)

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
 
 from segtrain.devices import ConfigError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from segtrain.data import SampleCache
 from segtrain.devices import ConfigError
 from segtrain.registry import DATASETS
 from segtrain.transforms import PairTransform, build_transform
@@ -202,7 +203,7 @@ class SegmentationFiles(Dataset):
         self.pairs, self.encoder, self.transform, self.split = pairs, encoder, transform, split
         # Decoded (image, class mask) arrays by index, per DataLoader worker: for small data sets
         # whose decoding (a 512x512 PNG: tens of ms) would dominate the step.
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
+        self._cache = SampleCache(cache)
         self.unpaired_images, self.unpaired_masks = unpaired_images or [], unpaired_masks or []
         if class_names is not None:
             self.class_names = list(class_names)
@@ -213,12 +214,7 @@ class SegmentationFiles(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is not None and index in self._cache:
-            image, mask = self._cache[index]
-        else:
-            image, mask = self.read(index)
-            if self._cache is not None:
-                self._cache[index] = (image, mask)
+        image, mask = self._cache.get(index, self.read)
         # Copies: the transforms must never write into cached arrays.
         return self.transform(torch.from_numpy(image.copy()), torch.from_numpy(mask.copy()))
 

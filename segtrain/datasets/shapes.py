@@ -16,6 +16,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
+from segtrain.data import SampleCache
 from segtrain.registry import DATASETS
 
 SHAPES_2D = ("ellipse", "rectangle", "triangle")
@@ -63,7 +64,7 @@ class Shapes(Dataset):
         self.max_shapes, self.noise, self.seed = max_shapes, noise, seed
         # Samples are pure functions of their index, so keeping them is safe; it spares
         # regenerating every epoch (the cache lives per DataLoader worker process).
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        self._cache = SampleCache(cache)
 
     def __len__(self) -> int:
         return self.length
@@ -71,12 +72,7 @@ class Shapes(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        if self._cache is not None and index in self._cache:
-            image, mask = self._cache[index]
-        else:
-            image, mask = self._generate(index)
-            if self._cache is not None:
-                self._cache[index] = (image, mask)
+        image, mask = self._cache.get(index, self._generate)
         return image.float(), mask.long()
 
     def _generate(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

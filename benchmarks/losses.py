@@ -34,6 +34,7 @@ from segtrain.losses import build_loss, prepare_target, softmax_focal_loss  # no
 
 IGNORE_INDEX = 255
 GAMMA = 2.0
+STEPS_PER_SAMPLE = 3  # consecutive timed forward+backward steps of one method per sample
 
 
 def naive_focal(logits: Tensor, target: Tensor) -> Tensor:
@@ -103,13 +104,21 @@ def run_case(shape: tuple[int, ...], repeats: int, warmup: int) -> list[dict[str
 
     times: dict[str, list[float]] = {name: [] for name in cases}
     cpu_times: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
     for repeat in range(warmup + repeats):
-        for name, loss_fn in cases.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
+        # Each method's steps are timed after one untimed step of its own: the first call after
+        # another method pays for the pages that method freed (allocator page faults: up to half a
+        # millisecond here, more after the 10x-logits methods), which a training loop calling the
+        # same loss every step does not. The order rotates so that load drift hits all alike.
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            loss_fn = cases[name]
             step(loss_fn, logits)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(STEPS_PER_SAMPLE):
+                step(loss_fn, logits)
             if repeat >= warmup:
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+                times[name].append((time.perf_counter() - start) / STEPS_PER_SAMPLE)
+                cpu_times[name].append((time.process_time() - cpu_start) / STEPS_PER_SAMPLE)
     logits_bytes = logits.numel() * logits.element_size()
     rows = []
     for name, loss_fn in cases.items():

@@ -7,6 +7,7 @@ user can act on, before any loss kernel runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -18,21 +19,26 @@ class PreparedTarget:
     """A checked target, in the forms the losses need.
 
     ``index`` is the ``(N, *spatial)`` int64 class index with ignored pixels set
-    to 0, so gather/one-hot work on it; ``ignored`` marks the left-out pixels and is
+    to 0, so gather/one-hot work on it; ``valid`` marks the counted pixels and is
     ``None`` when no pixel is ignored (the fast path). ``raw`` is the int64 target
     with ignored pixels kept, for torch's own losses that take ``ignore_index``.
     """
 
     index: Tensor
     raw: Tensor
-    ignored: Tensor | None
+    valid: Tensor | None
     num_channels: int
     num_counted: int
 
-    @property
-    def valid(self) -> Tensor | None:
-        """The counted pixels ``(N, *spatial)``, or ``None`` when every pixel counts."""
-        return None if self.ignored is None else ~self.ignored
+    @cached_property
+    def ignored(self) -> Tensor | None:
+        """The left-out pixels ``(N, *spatial)``, or ``None`` when every pixel counts."""
+        return None if self.valid is None else ~self.valid
+
+    def weight(self, dtype: torch.dtype) -> Tensor | None:
+        """1 for counted and 0 for ignored pixels ``(N, *spatial)`` in ``dtype``, or ``None`` when every pixel counts."""
+        # Through uint8: torch's CPU bool -> float conversion is 8x slower than uint8 -> float.
+        return None if self.valid is None else self.valid.view(torch.uint8).to(dtype)
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The ``(N, C, *spatial)`` target: one-hot for C > 1, ``index == 1`` for one channel (binary).
@@ -92,15 +98,20 @@ def prepare_target(
         return PreparedTarget(target, target, None, channels, 0)
 
     if ignore_index is None:
-        ignored = None
+        valid = None
         low, high = torch.aminmax(target)
         num_ignored_t = torch.zeros((), dtype=torch.long, device=target.device)
         index = target
     else:
-        ignored = target == ignore_index
-        index = torch.where(ignored, 0, target)
+        # Which pixels count, and the index with ignored pixels set to class 0, in integer
+        # arithmetic (|target - ignore_index| clamped to 1 is 1 where a pixel counts, else 0)
+        # rather than `target == ignore_index` and torch.where: on the CPU those run at a third
+        # to a quarter of the speed of these vectorised ops, and this check runs at every loss call.
+        counted = (target - ignore_index).abs_().clamp_(max=1)
+        valid = counted.bool()  # 1 byte a pixel instead of 8
+        num_ignored_t = target.numel() - counted.sum()
+        index = counted.mul_(target)  # in place: one int64 buffer for both (fewer fresh pages)
         low, high = torch.aminmax(index)
-        num_ignored_t = ignored.sum()
     # One host sync per step, on purpose: checking values here is what turns an
     # out-of-range class into a readable error instead of a device-side assert (or a
     # silently wrong one-hot), and it tells us whether any pixel is ignored at all.
@@ -125,5 +136,5 @@ def prepare_target(
             f"loss={loss}: target values {bad} are outside [0, {num_values}) and are not {ignore_text}; {fix}"
         )
     if num_ignored == 0:
-        ignored = None
-    return PreparedTarget(index, target, ignored, channels, target.numel() - num_ignored)
+        valid = None
+    return PreparedTarget(index, target, valid, channels, target.numel() - num_ignored)

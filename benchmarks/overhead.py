@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py            # the table in benchmarks/README.md (a few minutes on 2 cores)
     python benchmarks/overhead.py --smoke    # tiny sizes, one round (CI keeps it working)
+    python benchmarks/overhead.py trainer.keep_freed_memory=false   # with config overrides
 
 Same model object, optimizer, loss and batches: (a) segtrain's ``Trainer.train_one_epoch``
 built from the real config with default trainer settings (log_every=10, TensorBoard on,
@@ -41,17 +42,18 @@ def main() -> None:
     # One thread by default: on a CPU shared with other processes, two threads that spin at every op's
     # barrier made the same step up to 6x slower and the rounds far noisier (see benchmarks/README.md).
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default, one per core)")
+    parser.add_argument("overrides", nargs="*", help="more config overrides for both loops' setup, e.g. trainer.keep_freed_memory=false")
     args = parser.parse_args()
-    extra = []
+    extra = list(args.overrides)
     if args.smoke:
         args.size, args.batch_size, args.unet_width, args.steps, args.rounds = 64, 2, 4, 4, 1
-        extra = ["trainer.log_every=2"]  # so that the logging path runs in the few smoke steps
+        extra.append("trainer.log_every=2")  # so that the logging path runs in the few smoke steps
     set_threads(args.threads)
     print(f"machine: {machine()}")
     print(
         f"data: shapes {args.size}x{args.size}, batch {args.batch_size}, {args.steps} steps per round, {args.rounds} rounds "
         f"after one warm-up round; UNet width {args.unet_width}; trainer defaults (log_every 10, TensorBoard on, progress bar on)"
-        + (" [smoke: log_every 2]" if args.smoke else "")
+        + (f"; overrides: {' '.join(extra)}" if extra else "")
     )
     rows = []
     for model in args.models:

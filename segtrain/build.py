@@ -22,6 +22,7 @@ from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.data import EpochSampler
 from segtrain.devices import ConfigError, resolve_device
 from segtrain.distributed import ShardSampler, world, wrap_model
+from segtrain.host_memory import keep_freed_memory
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels
 
@@ -206,6 +207,8 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     deterministic = bool(cfg.trainer.get("deterministic", False))
     torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
     torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels are fast but not reproducible
+    if cfg.trainer.get("keep_freed_memory", True) and keep_freed_memory():
+        log.info("host memory: freed memory is kept for the next step, not returned to the OS (trainer.keep_freed_memory)")
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
     train_set, val_set = build_datasets(dataset_cfg)

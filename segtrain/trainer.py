@@ -47,6 +47,7 @@ class TrainerSettings:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
+    keep_freed_memory: bool = True  # glibc malloc reuses freed memory (segtrain/host_memory.py); applied by build()
     accumulate: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from segtrain.build import build_loader
+from segtrain.host_memory import keep_freed_memory
 from segtrain.models.unet import UNet
 from segtrain.registry import DATASETS
 
@@ -81,6 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     count, size, crop, batch_size, batches, steps = (12, 64, 32, 4, 3, 2) if args.smoke else (64, 512, 256, 8, 24, 5)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory()  # as a training run does (trainer.keep_freed_memory); forked workers inherit it
     rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as folder:
         write_folder(Path(folder), count, size)

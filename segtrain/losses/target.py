@@ -100,7 +100,7 @@ def prepare_target(
     if ignore_index is None:
         valid = None
         low, high = torch.aminmax(target)
-        num_ignored_t = torch.zeros((), dtype=torch.long, device=target.device)
+        num_counted_t = torch.tensor(target.numel(), device=target.device)
         index = target
     else:
         # Which pixels count, and the index with ignored pixels set to class 0, in integer
@@ -109,13 +109,15 @@ def prepare_target(
         # to a quarter of the speed of these vectorised ops, and this check runs at every loss call.
         counted = (target - ignore_index).abs_().clamp_(max=1)
         valid = counted.bool()  # 1 byte a pixel instead of 8
-        num_ignored_t = target.numel() - counted.sum()
-        index = counted.mul_(target)  # in place: one int64 buffer for both (fewer fresh pages)
+        num_counted_t = counted.sum()
+        # target & -counted: the target where counted, else 0; in place (one int64 buffer for both),
+        # and a bitwise and, which is vectorised where an int64 multiply is not (2x faster here).
+        index = counted.neg_().bitwise_and_(target)
         low, high = torch.aminmax(index)
     # One host sync per step, on purpose: checking values here is what turns an
     # out-of-range class into a readable error instead of a device-side assert (or a
     # silently wrong one-hot), and it tells us whether any pixel is ignored at all.
-    low_v, high_v, num_ignored = torch.stack([low, high, num_ignored_t]).tolist()
+    low_v, high_v, num_counted = torch.stack([low, high, num_counted_t]).tolist()
     if low_v < 0 or high_v >= num_values:
         bad = index[(index < 0) | (index >= num_values)].unique()[:10].tolist()
         ignore_text = f"dataset.ignore_index={ignore_index}"
@@ -135,6 +137,6 @@ def prepare_target(
         raise ValueError(
             f"loss={loss}: target values {bad} are outside [0, {num_values}) and are not {ignore_text}; {fix}"
         )
-    if num_ignored == 0:
+    if num_counted == target.numel():
         valid = None
-    return PreparedTarget(index, target, valid, channels, target.numel() - num_ignored)
+    return PreparedTarget(index, target, valid, channels, num_counted)

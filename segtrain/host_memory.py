@@ -10,11 +10,8 @@ a tenth of the step time; with the two settings below, none.
 from __future__ import annotations
 
 import ctypes
-import logging
 import platform
 import sys
-
-log = logging.getLogger(__name__)
 
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1

@@ -18,7 +18,7 @@ from segtrain.losses.base import (
     reduce_pixels,
     register_loss,
 )
-from segtrain.losses.target import PreparedTarget
+from segtrain.losses.target import PreparedTarget, mask_weight
 
 
 LOG2_E = 1.0 / math.log(2.0)
@@ -116,7 +116,8 @@ def softmax_focal_loss(
     """
     weight = alpha_t
     if ignored is not None:
-        weight = (~ignored).to(logits.dtype) if alpha_t is None else alpha_t.masked_fill(ignored, 0.0)
+        counted = mask_weight(~ignored, torch.promote_types(logits.dtype, torch.float32))
+        weight = counted if alpha_t is None else counted.mul_(alpha_t)
     return _SoftmaxFocal.apply(logits, index, float(gamma), weight)
 
 

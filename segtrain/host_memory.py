@@ -13,6 +13,8 @@ import ctypes
 import platform
 import sys
 
+# mallopt exists in glibc alone (Linux).
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -30,7 +32,7 @@ def keep_freed_memory() -> bool:
     every step anyway. Applies to this process and to DataLoader workers forked from it.
     Returns whether the settings were applied (False on other systems and C libraries).
     """
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     # Setting either parameter turns off glibc's dynamic thresholds, so both are set together:

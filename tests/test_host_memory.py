@@ -1,7 +1,6 @@
 """trainer.keep_freed_memory: glibc's malloc keeps what a step frees, so the next step takes no page faults."""
 from __future__ import annotations
 
-import platform
 import subprocess
 import sys
 
@@ -9,8 +8,7 @@ import pytest
 
 import segtrain.build
 from conftest import REPO, TINY, compose_config
-
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+from segtrain.host_memory import GLIBC
 
 # Five "steps" that each allocate and touch 10 blocks of 8 MiB, then free them all, as a training
 # step does with its activations; prints the page faults (ru_minflt) the five took.

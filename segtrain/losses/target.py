@@ -35,10 +35,6 @@ class PreparedTarget:
         """The left-out pixels ``(N, *spatial)``, or ``None`` when every pixel counts."""
         return None if self.valid is None else ~self.valid
 
-    def weight(self, dtype: torch.dtype) -> Tensor | None:
-        """1 for counted and 0 for ignored pixels ``(N, *spatial)`` in ``dtype``, or ``None`` when every pixel counts."""
-        return None if self.valid is None else mask_weight(self.valid, dtype)
-
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The ``(N, C, *spatial)`` target: one-hot for C > 1, ``index == 1`` for one channel (binary).
 
@@ -51,12 +47,6 @@ class PreparedTarget:
         if self.ignored is not None:
             dense = dense.masked_fill(self.ignored.unsqueeze(1), False)
         return dense.to(dtype)
-
-
-def mask_weight(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A bool mask as 1.0 / 0.0 in ``dtype``; through uint8, since torch's CPU bool -> float
-    conversion is 8x slower than uint8 -> float."""
-    return mask.view(torch.uint8).to(dtype)
 
 
 def prepare_target(

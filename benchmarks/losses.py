@@ -62,7 +62,7 @@ def methods(target: Tensor, num_classes: int) -> dict[str, Callable[[Tensor], Te
     return {
         "segtrain focal (softmax)": lambda x: focal(x, target),
         "  same, target pre-checked": lambda x: softmax_focal_loss(
-            x, checked.index, GAMMA, None, checked.ignored
+            x, checked.index, GAMMA, None, checked.valid
         ).sum() / checked.num_counted,
         "F.cross_entropy": lambda x: F.cross_entropy(x, target, ignore_index=IGNORE_INDEX),
         "per-class-loop focal": lambda x: naive_focal(x, target),

@@ -302,10 +302,10 @@ def test_gradcheck(case, dims):
 
 def test_gradcheck_fused_focal_per_pixel():
     logits, target = make_input((2, 4, 3, 3), dtype=torch.float64, seed=2)
-    ignored = torch.zeros_like(target, dtype=torch.bool)
-    ignored[0, 0] = True
+    counted = torch.ones_like(target, dtype=torch.bool)
+    counted[0, 0] = False
     alpha_t = torch.rand(target.shape, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, 2.5, alpha_t, ignored), (logits,))
+    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, 2.5, alpha_t, counted), (logits,))
 
 
 # --- dice -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from torch.nn._reduction import legacy_get_string
 from torchvision.ops import sigmoid_focal_loss
 
+from segtrain import native
 from segtrain.losses import build_loss, loss_terms, resolve_auto
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.regression import hard_negative_mask
@@ -183,6 +184,18 @@ def test_regression_losses_match_torch(name, activation, reduction, dims):
 # --- focal ----------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["native", "torch"])
+def focal_backend(request, monkeypatch):
+    """Runs a softmax-focal test on the fused C kernel (the CPU's path) and on the PyTorch ops
+    (CUDA's path, and the CPU's where no C compiler is installed)."""
+    if request.param == "torch":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+    elif native.library() is None:
+        pytest.skip("no C compiler here: the fused CPU kernel cannot be built")
+    assert native.usable(torch.zeros(1)) == (request.param == "native")
+    return request.param
+
+
 def reference_softmax_focal(x, t, gamma, alpha=None, ignore_index=None, reduction="mean"):
     """The plain formula through autograd, for comparison."""
     valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
@@ -200,7 +213,7 @@ def reference_softmax_focal(x, t, gamma, alpha=None, ignore_index=None, reductio
 @pytest.mark.parametrize("dims", SHAPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ignore", [False, True])
-def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore):
+def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore, focal_backend):
     logits, target = make_input(SHAPES[dims], ignore)
     ours = build_loss("focal", gamma=0.0, ignore_index=IGNORE if ignore else None, reduction=reduction)
     reference = torch.nn.CrossEntropyLoss(ignore_index=IGNORE if ignore else -100, reduction=reduction)
@@ -210,7 +223,7 @@ def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore):
 @pytest.mark.parametrize("dims", SHAPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("gamma,alpha", [(2.0, None), (0.5, [0.1, 0.2, 0.3, 0.4]), (3.0, 0.25), (1.0, None)])
-def test_softmax_focal_matches_plain_formula(dims, reduction, gamma, alpha):
+def test_softmax_focal_matches_plain_formula(dims, reduction, gamma, alpha, focal_backend):
     logits, target = make_input(SHAPES[dims], ignore=True)
     ours = build_loss("focal", gamma=gamma, alpha=alpha, ignore_index=IGNORE, reduction=reduction)
     reference = lambda x, t: reference_softmax_focal(x, t, gamma, alpha, IGNORE, reduction)
@@ -251,7 +264,7 @@ def test_sigmoid_focal_matches_torchvision(dims, reduction, alpha):
     assert_same(ours, reference_multilabel, logits, target)
 
 
-def test_focal_saturated_logits_have_finite_gradients_where_torchvision_gives_nan():
+def test_focal_saturated_logits_have_finite_gradients_where_torchvision_gives_nan(focal_backend):
     logits = torch.tensor([[1000.0, 0.0, 0.0], [0.0, 2000.0, 0.0], [30.0, 0.0, -5.0]], requires_grad=True)
     target = torch.tensor([0, 1, 2])
     loss = build_loss("focal", gamma=0.5)(logits, target)
@@ -300,7 +313,7 @@ def test_gradcheck(case, dims):
     assert torch.autograd.gradcheck(lambda x: loss(x, target), (logits,))
 
 
-def test_gradcheck_fused_focal_per_pixel():
+def test_gradcheck_fused_focal_per_pixel(focal_backend):
     logits, target = make_input((2, 4, 3, 3), dtype=torch.float64, seed=2)
     counted = torch.ones_like(target, dtype=torch.bool)
     counted[0, 0] = False

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from segtrain import native
 from segtrain.losses.base import (
     LossParamError,
     SegLoss,
@@ -29,13 +30,16 @@ LOG2_E = 1.0 / math.log(2.0)
 class _SoftmaxFocal(torch.autograd.Function):
     """Per-pixel softmax focal loss with an analytic backward.
 
-    Autograd through the plain formula keeps ~6 full (N, C, ...) tensors and walks
-    them several times. Here the softmax is written out: ``m`` = the max over classes,
-    ``e = exp(x - m)`` (one full tensor, kept for the backward), ``s`` = its sum over
-    classes, and ``log p_t = x_t - m - log s`` per pixel, with ``x_t`` gathered from the
-    logits. The backward is then one multiply of ``e`` by a per-pixel factor and a scatter
-    at the target class, written into one new tensor (the gradient): no second
-    exponential, unlike cross-entropy's (log_softmax's) backward.
+    On the CPU (float32/float64) both directions are one call of the C kernel in
+    ``segtrain/native/focal.c``, which saves only per-pixel values and recomputes the
+    softmax in the backward. Elsewhere (CUDA, half precision, no C compiler) PyTorch ops:
+    autograd through the plain formula would keep ~6 full (N, C, ...) tensors and walk
+    them several times; here the softmax is written out: ``m`` = the max over classes,
+    ``e = exp(x - m)`` (one full tensor), ``s`` = its sum over classes, and
+    ``log p_t = x_t - m - log s`` per pixel, with ``x_t`` gathered from the logits. ``e``
+    is normalised to ``p`` in place and kept, so the backward is one multiply of ``p`` by
+    a per-pixel factor and a scatter at the target class, written into one new tensor
+    (the gradient): no second exponential, unlike cross-entropy's (log_softmax's) backward.
     With ``l = log p_t`` and ``L = -w (1 - p_t)^g l``:
     ``dL/dl = -w (1 - p_t)^(g-1) (1 - p_t - g p_t l)`` and ``dl/dx_j = [j == t] - p_j``.
     For ``g < 1``, ``(1 - p_t)^(g-1)`` is infinite at ``p_t = 1``; there the gradient is
@@ -48,6 +52,13 @@ class _SoftmaxFocal(torch.autograd.Function):
         ctx: FunctionCtx, logits: Tensor, index: Tensor, gamma: float, weight: Tensor | None
     ) -> Tensor:
         ctx.input_dtype = logits.dtype
+        ctx.native = native.usable(logits)
+        if ctx.native:  # the fused C kernel (segtrain/native/focal.c): same formulas, one pass each way
+            x, index = logits.contiguous(), index.to(torch.int64).contiguous()
+            weight = None if weight is None else torch.broadcast_to(weight, index.shape).to(x.dtype).contiguous()
+            loss, neg_grad_log_p_t, log_sum_exp = native.focal_forward(x, index, weight, gamma)
+            ctx.save_for_backward(x, index, neg_grad_log_p_t, log_sum_exp)
+            return loss
         # Half-precision logits are computed in float32 (as autocast does for cross-entropy).
         x = logits.to(torch.float32) if logits.dtype in (torch.float16, torch.bfloat16) else logits
         x = x.contiguous()
@@ -107,6 +118,10 @@ class _SoftmaxFocal(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.native:
+            x, index, neg_grad_log_p_t, log_sum_exp = ctx.saved_tensors
+            coefficient = (grad_loss * neg_grad_log_p_t).contiguous()
+            return native.focal_backward(x, index, coefficient, log_sum_exp), None, None, None
         probs, offsets, neg_grad_log_p_t = ctx.saved_tensors
         # dL/dx_j = dL/dl * ([j == t] - p_j) = c p_j - c [j == t] with c = -dL/dl * grad_loss.
         coefficient = grad_loss * neg_grad_log_p_t

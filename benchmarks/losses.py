@@ -16,6 +16,7 @@ included). "x logits" divides it by the logits' bytes.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -30,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 from torchvision.ops import sigmoid_focal_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from segtrain import native  # noqa: E402
 from segtrain.host_memory import keep_freed_memory  # noqa: E402
 from segtrain.losses import build_loss, prepare_target, softmax_focal_loss  # noqa: E402
 
@@ -53,6 +55,19 @@ def naive_focal(logits: Tensor, target: Tensor) -> Tensor:
     return total / valid.sum()
 
 
+def without_kernel(loss_fn: Callable[[Tensor, Tensor], Tensor], logits: Tensor, target: Tensor) -> Tensor:
+    """The loss on its PyTorch-ops path (CUDA's, and the CPU's without a C compiler)."""
+    before = os.environ.get(native.ENV_SWITCH)
+    os.environ[native.ENV_SWITCH] = "0"  # read at each forward; the backward follows its forward
+    try:
+        return loss_fn(logits, target)
+    finally:
+        if before is None:
+            del os.environ[native.ENV_SWITCH]
+        else:
+            os.environ[native.ENV_SWITCH] = before
+
+
 def methods(target: Tensor, num_classes: int) -> dict[str, Callable[[Tensor], Tensor]]:
     focal = build_loss("focal", gamma=GAMMA, alpha=None, activation="softmax", ignore_index=IGNORE_INDEX)
     # torchvision's loss takes a float target of the logits' shape and knows no ignore index.
@@ -64,6 +79,7 @@ def methods(target: Tensor, num_classes: int) -> dict[str, Callable[[Tensor], Te
         "  same, target pre-checked": lambda x: softmax_focal_loss(
             x, checked.index, GAMMA, None, checked.valid
         ).sum() / checked.num_counted,
+        "  same, PyTorch ops (no C kernel)": lambda x: without_kernel(focal, x, target),
         "F.cross_entropy": lambda x: F.cross_entropy(x, target, ignore_index=IGNORE_INDEX),
         "per-class-loop focal": lambda x: naive_focal(x, target),
         "torchvision sigmoid_focal_loss": lambda x: sigmoid_focal_loss(x, one_hot, gamma=GAMMA, reduction="mean"),
@@ -146,8 +162,9 @@ def main() -> None:
     else:
         shapes, repeats, warmup = [(8, 5, 128, 128), (2, 5, 32, 64, 64)], args.repeats, 5
 
+    kernel = "fused C kernel" if native.usable(torch.zeros(1)) else "PyTorch ops (no C kernel: see segtrain/native)"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} forward+backward; "
-          f"freed memory kept (trainer.keep_freed_memory): {kept}")
+          f"freed memory kept (trainer.keep_freed_memory): {kept}; segtrain focal on the CPU: {kernel}")
     print("| logits | method | wall (ms) | vs CE | CPU (ms) | vs CE | loop / this (wall) | peak memory (MiB) | x logits |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape in shapes:

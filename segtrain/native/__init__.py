@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -77,11 +78,13 @@ def _build(compiler: str, flags: list[str], directory: Path) -> Path:
     libraries = [flag for flag in flags if flag.startswith("-l")]
     options = [flag for flag in flags if not flag.startswith("-l")]
     command = [compiler, *options, "-fPIC", "-shared", "-Wl,--no-undefined", "-o", partial, str(SOURCES[0]), *libraries]
+    start = time.perf_counter()
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
         os.replace(partial, target)
+        log.info("built the CPU focal-loss kernel in %.1f s: %s", time.perf_counter() - start, target)
     finally:
         if os.path.exists(partial):
             os.remove(partial)
@@ -91,6 +94,9 @@ def _build(compiler: str, flags: list[str], directory: Path) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built (the reason is logged once)."""
+    if sys.platform != "linux":  # built and tested with gcc and glibc only
+        log.info("the CPU focal-loss kernel is built on Linux only: the focal loss uses PyTorch ops")
+        return None
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         log.warning("no C compiler (%s) found: the focal loss uses PyTorch ops on the CPU (slower); "
@@ -101,10 +107,10 @@ def library() -> ctypes.CDLL | None:
         for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"segtrain-{os.getuid()}"):
             try:
                 lib = ctypes.CDLL(str(_build(compiler, flags, directory)))
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                _declare(lib)
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
                 errors.append(str(error))
                 continue
-            _declare(lib)
             log.debug("CPU kernels: %s %s", compiler, " ".join(flags))
             return lib
     log.warning("could not build the CPU focal-loss kernel, using PyTorch ops (slower):\n%s", "\n".join(errors))

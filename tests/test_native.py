@@ -101,6 +101,25 @@ def test_built_once_then_loaded_from_the_cache(fresh_build):
     assert list(fresh_build.glob("focal-*.so")) == built and built[0].stat().st_mtime_ns == mtime
 
 
+@needs_kernel
+def test_a_library_that_fails_its_self_test_is_not_used(fresh_build, monkeypatch, caplog, tmp_path):
+    # A "compiler" that builds a library with the kernel's symbols doing nothing: it loads,
+    # but its values are wrong, so the self-test in a child process must reject it.
+    fake = tmp_path / "fakecc"
+    fake.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && { echo fakecc 1.0; exit 0; }\n'
+        'out=; prev=; for a in "$@"; do [ "$prev" = -o ] && out="$a"; prev="$a"; done\n'
+        'for f in forward_f32 backward_f32 forward_f64 backward_f64; do echo "void segtrain_focal_$f(void) {}"; done > "$out.c"\n'
+        'exec cc -shared -fPIC -o "$out" "$out.c"\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    with caplog.at_level(logging.WARNING, logger="segtrain.native"):
+        assert native.library() is None
+    assert "failed its self-test" in caplog.text and "got [0.0, 0.0" in caplog.text
+    assert not any(path.suffix == ".so" for path in fresh_build.parent.rglob("*"))
+
+
 @pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
 def test_without_a_working_compiler_the_pytorch_ops_take_over(fresh_build, monkeypatch, caplog, compiler):
     monkeypatch.setenv("CC", compiler)

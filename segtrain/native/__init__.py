@@ -6,8 +6,9 @@ once backward. The source has no Python or torch headers, so it builds in well u
 second; the library is cached under ``$SEGTRAIN_CACHE_DIR/kernels`` (default
 ``~/.cache/segtrain/kernels``), keyed by a hash of the source, the compiler and the CPU.
 
-Where there is no compiler, or it fails, the losses use their PyTorch ops (one warning
-says so). ``SEGTRAIN_NATIVE=0`` turns the kernels off (the PyTorch path, as on CUDA).
+A new build is run once in a child process on a small case checked against Python's
+``math`` before it is cached. Where there is no compiler, or the build or that check fails,
+the losses use their PyTorch ops (one warning says so). ``SEGTRAIN_NATIVE=0`` turns the kernels off (the PyTorch path, as on CUDA).
 """
 from __future__ import annotations
 
@@ -66,6 +67,35 @@ def _fingerprint(compiler: str, flags: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Run on each newly built library in a child process before it is cached: a library that
+# crashes (say, -march=native code the CPU refuses) or computes wrong values is not used.
+SELF_TEST = r"""
+import ctypes, math, sys
+lib = ctypes.CDLL(sys.argv[1])
+n, c, p, gamma = 1, 3, 2, 2.0
+logits, target = [0.0, 1.0, 2.0, 3.0, -1.0, 0.5], [0, 2]  # (1, 3, 2), pixel i's logits: logits[i::p]
+for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
+    x, t = (real * 6)(*logits), (ctypes.c_int64 * 2)(*target)
+    loss, ngrad, lse, grad = (real * 2)(), (real * 2)(), (real * 2)(), (real * 6)()
+    getattr(lib, "segtrain_focal_forward_" + suffix)(
+        x, t, None, ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(p), ctypes.c_double(gamma),
+        loss, ngrad, lse, ctypes.c_int(1))
+    getattr(lib, "segtrain_focal_backward_" + suffix)(
+        x, t, ngrad, lse, ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(p), grad, ctypes.c_int(1))
+    for i in range(p):
+        row = logits[i::p]
+        log_sum_exp = max(row) + math.log(sum(math.exp(v - max(row)) for v in row))
+        log_p = row[target[i]] - log_sum_exp
+        p_t = math.exp(log_p)
+        expected = [-(1 - p_t) ** gamma * log_p, (1 - p_t) ** gamma - gamma * p_t * log_p * (1 - p_t) ** (gamma - 1)]
+        got = [loss[i], ngrad[i]]
+        expected += [expected[1] * (math.exp(v - log_sum_exp) - (k == target[i])) for k, v in enumerate(row)]
+        got += [grad[k * p + i] for k in range(c)]
+        if any(abs(a - b) > 1e-5 * (1 + abs(b)) for a, b in zip(got, expected)):
+            sys.exit(f"{suffix} pixel {i}: got {got}, expected {expected}")
+"""
+
+
 def _build(compiler: str, flags: list[str], directory: Path) -> Path:
     target = directory / f"focal-{_fingerprint(compiler, flags)}.so"
     if target.exists():
@@ -83,6 +113,10 @@ def _build(compiler: str, flags: list[str], directory: Path) -> Path:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr.strip()}")
+        check = subprocess.run([sys.executable, "-c", SELF_TEST, partial], capture_output=True, text=True, timeout=120)
+        if check.returncode != 0:
+            raise RuntimeError(f"the library built by {' '.join(command)} failed its self-test "
+                               f"(exit {check.returncode}): {check.stderr.strip()[-2000:]}")
         os.replace(partial, target)
         log.info("built the CPU focal-loss kernel in %.1f s: %s", time.perf_counter() - start, target)
     finally:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from segtrain.cache import cache_root
 from segtrain.datasets.folder import VOLUME_EXTENSIONS, MaskEncoder, SegmentationFiles, read_mask
 from segtrain.devices import ConfigError
 
@@ -252,7 +253,7 @@ def _stat_pair(image: Path, mask: Path) -> list[int] | None:
 
 
 def _cache_file(pairs: list[tuple[Path, Path]], rgb: bool, cache_dir: Path | None) -> Path:
-    cache_dir = Path(cache_dir or os.environ.get("SEGTRAIN_CACHE_DIR") or Path.home() / ".cache" / "segtrain") / "audit"
+    cache_dir = Path(cache_dir or cache_root()) / "audit"
     digest = hashlib.sha1(f"{rgb}\n".encode() + "\n".join(str(mask.resolve()) for _, mask in pairs).encode()).hexdigest()
     return cache_dir / f"{digest[:20]}.json"
 

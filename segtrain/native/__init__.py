@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from segtrain.cache import cache_root
+
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name("focal.c"), Path(__file__).with_name("focal_body.h")]
@@ -50,14 +52,14 @@ def enabled() -> bool:
 
 def cache_dir() -> Path:
     """Where built libraries are kept: ``kernels/`` beside the data audit's cache."""
-    return Path(os.environ.get("SEGTRAIN_CACHE_DIR") or Path.home() / ".cache" / "segtrain") / "kernels"
+    return cache_root() / "kernels"
 
 
-def _fingerprint(compiler: str, flags: list[str]) -> str:
+def _fingerprint(version: str, flags: list[str]) -> str:
+    """Names a build by its source, compiler (``cc --version``), flags and CPU."""
     digest = hashlib.sha256()
     for source in SOURCES:
         digest.update(source.read_bytes())
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest.update("\0".join([version, *flags, platform.machine(), sys.platform]).encode())
     try:  # -march=native code must not be loaded on another CPU (a cache dir on a shared disk)
         with open("/proc/cpuinfo") as cpuinfo:
@@ -96,8 +98,8 @@ for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
 """
 
 
-def _build(compiler: str, flags: list[str], directory: Path) -> Path:
-    target = directory / f"focal-{_fingerprint(compiler, flags)}.so"
+def _build(compiler: str, version: str, flags: list[str], directory: Path) -> Path:
+    target = directory / f"focal-{_fingerprint(version, flags)}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -136,11 +138,16 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler (%s) found: the focal loss uses PyTorch ops on the CPU (slower); "
                     "install one (e.g. gcc) or set CC for the fused kernel", compiler)
         return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        log.warning("%s --version failed (%s): the focal loss uses PyTorch ops on the CPU (slower)", compiler, error)
+        return None
     errors = []
     for flags in FLAG_SETS:
         for directory in (cache_dir(), Path(tempfile.gettempdir()) / f"segtrain-{os.getuid()}"):
             try:
-                lib = ctypes.CDLL(str(_build(compiler, flags, directory)))
+                lib = ctypes.CDLL(str(_build(compiler, version, flags, directory)))
                 _declare(lib)
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
                 errors.append(str(error))

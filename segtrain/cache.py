@@ -1,4 +1,4 @@
-"""Where segtrain keeps what it can rebuild: data-audit results and compiled CPU kernels."""
+"""Where segtrain keeps what it can rebuild: data-audit results."""
 from __future__ import annotations
 
 import os

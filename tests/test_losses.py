@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from torch.nn._reduction import legacy_get_string
 from torchvision.ops import sigmoid_focal_loss
 
-from segtrain import native
 from segtrain.losses import build_loss, loss_terms, resolve_auto
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.regression import hard_negative_mask
@@ -184,18 +183,6 @@ def test_regression_losses_match_torch(name, activation, reduction, dims):
 # --- focal ----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["native", "torch"])
-def focal_backend(request, monkeypatch):
-    """Runs a softmax-focal test on the fused C kernel (the CPU's path) and on the PyTorch ops
-    (CUDA's path, and the CPU's where no C compiler is installed)."""
-    if request.param == "torch":
-        monkeypatch.setenv(native.ENV_SWITCH, "0")
-    elif native.library() is None:
-        pytest.skip("no C compiler here: the fused CPU kernel cannot be built")
-    assert native.usable(torch.zeros(1)) == (request.param == "native")
-    return request.param
-
-
 def reference_softmax_focal(x, t, gamma, alpha=None, ignore_index=None, reduction="mean"):
     """The plain formula through autograd, for comparison."""
     valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
@@ -213,7 +200,7 @@ def reference_softmax_focal(x, t, gamma, alpha=None, ignore_index=None, reductio
 @pytest.mark.parametrize("dims", SHAPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("ignore", [False, True])
-def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore, focal_backend):
+def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore):
     logits, target = make_input(SHAPES[dims], ignore)
     ours = build_loss("focal", gamma=0.0, ignore_index=IGNORE if ignore else None, reduction=reduction)
     reference = torch.nn.CrossEntropyLoss(ignore_index=IGNORE if ignore else -100, reduction=reduction)
@@ -223,7 +210,7 @@ def test_focal_gamma_zero_equals_cross_entropy(dims, reduction, ignore, focal_ba
 @pytest.mark.parametrize("dims", SHAPES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("gamma,alpha", [(2.0, None), (0.5, [0.1, 0.2, 0.3, 0.4]), (3.0, 0.25), (1.0, None)])
-def test_softmax_focal_matches_plain_formula(dims, reduction, gamma, alpha, focal_backend):
+def test_softmax_focal_matches_plain_formula(dims, reduction, gamma, alpha):
     logits, target = make_input(SHAPES[dims], ignore=True)
     ours = build_loss("focal", gamma=gamma, alpha=alpha, ignore_index=IGNORE, reduction=reduction)
     reference = lambda x, t: reference_softmax_focal(x, t, gamma, alpha, IGNORE, reduction)
@@ -264,7 +251,7 @@ def test_sigmoid_focal_matches_torchvision(dims, reduction, alpha):
     assert_same(ours, reference_multilabel, logits, target)
 
 
-def test_focal_saturated_logits_have_finite_gradients_where_torchvision_gives_nan(focal_backend):
+def test_focal_saturated_logits_have_finite_gradients_where_torchvision_gives_nan():
     logits = torch.tensor([[1000.0, 0.0, 0.0], [0.0, 2000.0, 0.0], [30.0, 0.0, -5.0]], requires_grad=True)
     target = torch.tensor([0, 1, 2])
     loss = build_loss("focal", gamma=0.5)(logits, target)
@@ -279,6 +266,74 @@ def test_focal_saturated_logits_have_finite_gradients_where_torchvision_gives_na
     tv_input = binary.detach().clone().requires_grad_()
     sigmoid_focal_loss(tv_input, (binary_target == 1).float().unsqueeze(1), gamma=0.5, reduction="sum").backward()
     assert torch.isnan(tv_input.grad).any()  # the reason for the logsigmoid form
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softmax_focal_under_autocast_computes_in_float32(dtype):
+    logits, target = make_input((2, 4, 8, 8), ignore=True)
+    loss = build_loss("focal", gamma=2.0, alpha=[0.1, 0.2, 0.3, 0.4], ignore_index=IGNORE)
+    half = logits.detach().to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        value = loss(half, target)
+    value.backward()
+    assert value.dtype == torch.float32 and half.grad.dtype == dtype
+    # The same as float32 on the rounded logits: only the gradient's final cast is in half precision.
+    reference, reference_grad = grad_of(loss, half.detach().float(), target)
+    torch.testing.assert_close(value.detach(), reference)
+    torch.testing.assert_close(half.grad.float(), reference_grad, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.0])
+def test_softmax_focal_compiles_without_graph_breaks(gamma):
+    """torch.compile(fullgraph=True) fails on any graph break (a host read, an unsupported op);
+    aot_eager traces forward and backward as inductor does, without needing a C compiler."""
+    torch._dynamo.reset()
+    logits, target = make_input((2, 4, 6, 6), ignore=True)
+    loss = build_loss("focal", gamma=gamma, alpha=[0.1, 0.2, 0.3, 0.4], ignore_index=IGNORE)
+    loss.check_targets = False  # as the trainer builds it: the loader has checked the values
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    assert_same(compiled, loss, logits, target)
+
+
+def test_nan_logits_give_a_nan_loss():
+    logits, target = make_input((2, 3, 4, 4))
+    logits = logits.detach().clone()
+    logits[0, 1, 2, 2] = float("nan")
+    for gamma in (0.0, 0.5, 2.0):
+        assert torch.isnan(build_loss("focal", gamma=gamma)(logits, target)), gamma
+
+
+def test_target_values_are_checked_on_the_cpu_or_on_request():
+    logits, target = make_input((2, 3, 4, 4))
+    bad = target.clone()
+    bad[0, 0, 0] = 5
+    loss = build_loss("focal", ignore_index=IGNORE)
+    with pytest.raises(ValueError, match=r"target values \[5\]"):
+        loss(logits, bad)  # a CPU target: checked by default (SegLoss.check_targets=None)
+    loss.check_targets = True
+    with pytest.raises(ValueError, match=r"target values \[5\]"):
+        loss(logits, bad)
+    loss.check_targets = False  # the trainer's loss: its loader has checked the batch
+    reads = []
+    original = torch.Tensor.tolist
+    try:
+        torch.Tensor.tolist = lambda self: reads.append(self) or original(self)
+        loss(logits, target)
+    finally:
+        torch.Tensor.tolist = original
+    assert reads == []
+
+
+def test_weighted_ce_with_every_pixel_ignored_is_zero_without_a_host_read():
+    logits, _ = make_input((2, 3, 4, 4))
+    target = torch.full((2, 4, 4), IGNORE)
+    for name, params in [("ce", {"weight": [0.2, 0.3, 0.5]}), ("ce", {"label_smoothing": 0.1}), ("nll", {"weight": [1.0, 2.0, 3.0]})]:
+        logits.grad = None
+        loss = build_loss(name, ignore_index=IGNORE, **params)
+        loss.check_targets = False
+        value = loss(logits, target)
+        value.backward()
+        assert value.item() == 0.0 and (logits.grad == 0).all(), name
 
 
 # --- gradcheck ------------------------------------------------------------------------
@@ -313,12 +368,11 @@ def test_gradcheck(case, dims):
     assert torch.autograd.gradcheck(lambda x: loss(x, target), (logits,))
 
 
-def test_gradcheck_fused_focal_per_pixel(focal_backend):
+def test_gradcheck_softmax_focal_per_pixel():
     logits, target = make_input((2, 4, 3, 3), dtype=torch.float64, seed=2)
-    counted = torch.ones_like(target, dtype=torch.bool)
-    counted[0, 0] = False
+    target[0, 0] = IGNORE
     alpha_t = torch.rand(target.shape, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, 2.5, alpha_t, counted), (logits,))
+    assert torch.autograd.gradcheck(lambda x: softmax_focal_loss(x, target, 2.5, alpha_t, IGNORE), (logits,))
 
 
 # --- dice -----------------------------------------------------------------------------

@@ -50,6 +50,10 @@ class SegLoss(nn.Module):
     name: ClassVar[str] = "loss"
     # Where this loss sits in the config; a sum sets its terms to loss.terms.<term>.
     config_key: str = "loss"
+    # Whether each call checks the target's values (a read back to the host): None checks a
+    # CPU target only, so a CUDA step never waits for it; the framework sets False, since its
+    # data loaders check every batch on the CPU before the transfer (segtrain.data.MaskCheck).
+    check_targets: bool | None = None
 
     def __init__(self, ignore_index: int | None = None, reduction: str = "mean") -> None:
         super().__init__()
@@ -74,17 +78,21 @@ class SegLoss(nn.Module):
         return f"{self.config_key}.{param}"
 
     def prepare(self, logits: Tensor, target: Tensor) -> PreparedTarget:
-        return prepare_target(logits, target, loss=self.name, ignore_index=self.ignore_index, softmax=self.softmax)
+        check = target.device.type == "cpu" if self.check_targets is None else self.check_targets
+        return prepare_target(
+            logits, target, loss=self.name, ignore_index=self.ignore_index, softmax=self.softmax, check_values=check
+        )
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.compute_prepared(logits, self.prepare(logits, target))
 
     def compute_prepared(self, logits: Tensor, target: PreparedTarget) -> Tensor:
         """The loss on an already checked target (a sum checks once for all its terms)."""
-        if self.reduction == "mean" and target.num_counted == 0:
-            # Every pixel ignored: 0 with a zero gradient instead of torch's 0/0 = NaN,
-            # so a fully unlabelled crop does not poison the weights.
-            return logits.flatten()[:0].sum()
+        if self.reduction == "mean" and isinstance(target.num_counted, int) and target.num_counted == 0:
+            return logits.flatten()[:0].sum()  # an empty target: 0, not the NaN of an empty mean
+        # Every pixel ignored (a count on the device, not read here): each loss's mean divides by
+        # its count clamped to 1 (reduce_pixels), giving 0 with a zero gradient instead of 0/0 = NaN,
+        # so a fully unlabelled crop does not poison the weights.
         return self.compute(logits, target)
 
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
@@ -153,10 +161,14 @@ def reduce_pixels(pixel_loss: Tensor, reduction: str, denominator: Tensor | int 
         return total
     if denominator is None:
         return pixel_loss.mean()
+    return divide_by_count(total, denominator)
+
+
+def divide_by_count(total: Tensor, denominator: Tensor | int) -> Tensor:
+    """``total / denominator`` with a denominator of 0 taken as 1, decided on the device (no host read)."""
     if isinstance(denominator, Tensor):
         # where() keeps 0/0 out of the graph: with nothing counted the total is 0 anyway.
-        denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
-        return total / denominator.to(total.dtype)
+        return total / torch.where(denominator > 0, denominator, 1).to(total.dtype)
     return total / max(denominator, 1)
 
 

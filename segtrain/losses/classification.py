@@ -1,7 +1,7 @@
 """Cross-entropy style losses: ce, nll, bce."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -11,6 +11,7 @@ from segtrain.losses.base import (
     SegLoss,
     check_length,
     class_vector,
+    divide_by_count,
     reduce_channels,
     register_loss,
 )
@@ -44,14 +45,23 @@ class CrossEntropyLoss(SegLoss):
 
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
         weight, ignore_index = torch_class_arguments(self, logits)
-        return F.cross_entropy(
-            logits,
-            target.raw,
-            weight=weight,
-            ignore_index=ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
+        return torch_mean(
+            lambda reduction: F.cross_entropy(
+                logits, target.raw, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=self.label_smoothing,
+            ),
+            self.reduction, weight, target,
         )
+
+
+def torch_mean(loss: Callable[[str], Tensor], reduction: str, weight: Tensor | None, target: PreparedTarget) -> Tensor:
+    """A torch class loss (``loss(reduction)``) reduced as torch does, except that with ignored pixels
+    the mean is its sum over the (weighted) count of counted pixels, that count clamped to 1 on the
+    device: every pixel ignored gives 0 and a zero gradient where torch gives 0/0 = NaN."""
+    if reduction != "mean" or target.valid is None:
+        return loss(reduction)
+    counted = target.num_counted if weight is None else (weight[target.index] * target.valid).sum()
+    return divide_by_count(loss("sum"), counted)
 
 
 def torch_class_arguments(loss: SegLoss, logits: Tensor) -> tuple[Tensor | None, int]:
@@ -73,8 +83,10 @@ class NLLLoss(SegLoss):
 
     def compute(self, logits: Tensor, target: PreparedTarget) -> Tensor:
         weight, ignore_index = torch_class_arguments(self, logits)
-        return F.nll_loss(
-            F.log_softmax(logits, dim=1), target.raw, weight=weight, ignore_index=ignore_index, reduction=self.reduction
+        log_probs = F.log_softmax(logits, dim=1)
+        return torch_mean(
+            lambda reduction: F.nll_loss(log_probs, target.raw, weight=weight, ignore_index=ignore_index, reduction=reduction),
+            self.reduction, weight, target,
         )
 
 

@@ -1,15 +1,12 @@
 """Focal loss ``-alpha_t (1 - p_t)^gamma log p_t`` (Lin et al. 2017), softmax and sigmoid forms."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
-from segtrain import native
 from segtrain.losses.base import (
     LossParamError,
     SegLoss,
@@ -21,130 +18,37 @@ from segtrain.losses.base import (
 )
 from segtrain.losses.target import PreparedTarget
 
-# Exponentials are taken as exp2(x * log2(e)): torch's CPU exp costs 0.8 ns an element on our
-# 2-core machine against 0.3 for exp2 (the product's rounding adds ~1e-7 relative error per
-# unit of |x|). exp2 is as fast as exp on CUDA.
-LOG2_E = 1.0 / math.log(2.0)
-
-
-class _SoftmaxFocal(torch.autograd.Function):
-    """Per-pixel softmax focal loss with an analytic backward.
-
-    On the CPU (float32/float64) both directions are one call of the C kernel in
-    ``segtrain/native/focal.c``, which saves only per-pixel values and recomputes the
-    softmax in the backward. Elsewhere (CUDA, half precision, no C compiler) PyTorch ops:
-    autograd through the plain formula would keep ~6 full (N, C, ...) tensors and walk
-    them several times; here the softmax is written out: ``m`` = the max over classes,
-    ``e = exp(x - m)`` (one full tensor), ``s`` = its sum over classes, and
-    ``log p_t = x_t - m - log s`` per pixel, with ``x_t`` gathered from the logits. ``e``
-    is normalised to ``p`` in place and kept, so the backward is one multiply of ``p`` by
-    a per-pixel factor and a scatter at the target class, written into one new tensor
-    (the gradient): no second exponential, unlike cross-entropy's (log_softmax's) backward.
-    With ``l = log p_t`` and ``L = -w (1 - p_t)^g l``:
-    ``dL/dl = -w (1 - p_t)^(g-1) (1 - p_t - g p_t l)`` and ``dl/dx_j = [j == t] - p_j``.
-    For ``g < 1``, ``(1 - p_t)^(g-1)`` is infinite at ``p_t = 1``; there the gradient is
-    taken as ``(1 - p_t)^g (1 - g p_t l / (1 - p_t))`` with ``l / (1 - p_t) -> -1``, so it
-    stays finite on saturated logits (torchvision's ``(1 - p) ** g`` form gives NaN).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: FunctionCtx, logits: Tensor, index: Tensor, gamma: float, weight: Tensor | None
-    ) -> Tensor:
-        ctx.input_dtype = logits.dtype
-        ctx.native = native.usable(logits)
-        if ctx.native:  # the fused C kernel (segtrain/native/focal.c): same formulas, one pass each way
-            x, index = logits.contiguous(), index.to(torch.int64).contiguous()
-            weight = None if weight is None else torch.broadcast_to(weight, index.shape).to(x.dtype).contiguous()
-            loss, neg_grad_log_p_t, log_sum_exp = native.focal_forward(x, index, weight, gamma)
-            ctx.save_for_backward(x, index, neg_grad_log_p_t, log_sum_exp)
-            return loss
-        # Half-precision logits are computed in float32 (as autocast does for cross-entropy).
-        x = logits.to(torch.float32) if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        x = x.contiguous()
-        batch, classes, pixels = x.shape[0], x.shape[1], math.prod(index.shape[1:])
-        # Where each pixel's target class sits in its sample's (C x pixels) values: a gather and
-        # a scatter along the contiguous last dimension of (N, C * pixels), which on the CPU run
-        # at 2.5x the speed of torch.gather/scatter_add_ along the class dimension.
-        offsets = torch.add(torch.arange(pixels, device=x.device), index.reshape(batch, pixels), alpha=pixels)
-        x_t = x.view(batch, classes * pixels).gather(1, offsets).view(index.shape)
-        top = x.amax(1, keepdim=True)
-        exps = torch.sub(x, top).mul_(LOG2_E).exp2_()  # exp(x - m), the softmax's numerators
-        sums = exps.sum(1)
-        # log p_t = x_t - m - log s; log s = log2(s) ln 2 (log and log2 cost the same here).
-        log_p_t = x_t.sub_(top.squeeze(1)).sub_(sums.log2(), alpha=math.log(2.0))
-        del top
-        # Everything below is per pixel (1/C of the logits), kept to few passes: on a busy
-        # CPU each op costs a thread-pool wake-up as well as its arithmetic.
-        if gamma == 0:
-            loss = -log_p_t
-            # -dL/dl (the sign is applied in backward, saving a pass here).
-            neg_grad_log_p_t = torch.ones_like(log_p_t)
-        else:
-            p_t = log_p_t.mul(LOG2_E).exp2_()
-            # -expm1 is the accurate 1 - p_t, but PyTorch's CPU expm1 is not vectorised (about
-            # 10x exp: more than the whole softmax). In float32, 1 - p_t is off by at most
-            # 6e-8 absolute, and only near p_t = 1, where the loss (1 - p_t)^gamma |log p_t| is tiny.
-            one_minus_p_t = torch.expm1(log_p_t).neg_() if log_p_t.is_cuda else torch.rsub(p_t, 1.0)
-            # In-place where a per-pixel tensor is not needed again: fewer allocations, lower peak memory.
-            if gamma >= 1:
-                # -dL/dl = (1 - p_t)^(g-1) (1 - p_t - g p_t l): finite everywhere for g >= 1.
-                # Written over p_t (not needed after): one per-pixel tensor less at the forward's peak.
-                neg_grad_log_p_t = torch.addcmul(one_minus_p_t, p_t, log_p_t, value=-gamma, out=p_t)
-                del p_t
-                if gamma == 1:
-                    modulator = one_minus_p_t
-                else:
-                    base = one_minus_p_t if gamma == 2 else one_minus_p_t.pow(gamma - 1)
-                    neg_grad_log_p_t.mul_(base)
-                    modulator = base.mul_(one_minus_p_t)  # (1 - p_t)^g
-            else:
-                # (1 - p_t)^(g-1) is infinite at p_t = 1 for g < 1; write it as (1 - p_t)^g / (1 - p_t) and
-                # use l / (1 - p_t) -> -1 there (0/0 at l == 0, l/0 where p_t rounds to 1).
-                modulator = one_minus_p_t.pow(gamma)
-                ratio = torch.div(log_p_t, one_minus_p_t).nan_to_num_(nan=-1.0, neginf=-1.0)
-                neg_grad_log_p_t = ratio.mul_(p_t).mul_(-gamma).add_(1.0).mul_(modulator)
-                del p_t
-            loss = modulator.mul_(log_p_t).neg_()
-        if weight is not None:  # alpha and the ignore mask, one factor per pixel
-            loss.mul_(weight)
-            neg_grad_log_p_t.mul_(weight)
-        # Normalised for the backward, p_j = e_j / s, by one multiply with 1 / s (the division is
-        # twice as slow here): keeping s instead would put one more per-pixel tensor in its peak.
-        probs = exps.mul_(sums.reciprocal_().unsqueeze(1))
-        ctx.save_for_backward(probs, offsets, neg_grad_log_p_t)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        if ctx.native:
-            x, index, neg_grad_log_p_t, log_sum_exp = ctx.saved_tensors
-            coefficient = (grad_loss * neg_grad_log_p_t).contiguous()
-            return native.focal_backward(x, index, coefficient, log_sum_exp), None, None, None
-        probs, offsets, neg_grad_log_p_t = ctx.saved_tensors
-        # dL/dx_j = dL/dl * ([j == t] - p_j) = c p_j - c [j == t] with c = -dL/dl * grad_loss.
-        coefficient = grad_loss * neg_grad_log_p_t
-        grad = probs * coefficient.unsqueeze(1)
-        grad.view(offsets.shape[0], -1).scatter_add_(1, offsets, coefficient.neg_().view(offsets.shape))
-        return grad.to(ctx.input_dtype), None, None, None
-
 
 def softmax_focal_loss(
-    logits: Tensor, index: Tensor, gamma: float, alpha_t: Tensor | None = None, counted: Tensor | None = None
+    logits: Tensor, target: Tensor, gamma: float, alpha_t: Tensor | None = None, ignore_index: int | None = None
 ) -> Tensor:
-    """Per-pixel softmax focal loss ``(N, *spatial)``.
+    """Per-pixel softmax focal loss ``-alpha_t (1 - p_t)^gamma log p_t``, ``(N, *spatial)``.
 
-    ``index`` must hold valid classes; ``counted`` (bool, ``None`` = all) marks the pixels
-    that count: elsewhere, whatever class ``index`` holds, loss and gradient are 0.
-    ``alpha_t`` is the alpha of each pixel's target class.
+    ``target`` holds classes in ``[0, C)`` or ``ignore_index``, where loss and gradient are 0;
+    ``alpha_t`` is the alpha of each pixel's target class. Plain PyTorch ops, the same on
+    every device, under autocast and ``torch.compile``: ``-log p_t`` is the per-pixel
+    cross-entropy (0 at ignored pixels, so the focal term is 0 there too), and the focal
+    factor is a few per-pixel ops on it. Half-precision logits are computed in float32,
+    as autocast does for cross-entropy.
     """
-    weight = alpha_t  # one factor per pixel carries alpha and the ignore mask
-    if counted is not None:
-        # 1.0 / 0.0 through uint8: torch's CPU bool -> float conversion is 8x slower than uint8 -> float.
-        mask = counted.view(torch.uint8).to(torch.promote_types(logits.dtype, torch.float32))
-        weight = mask if alpha_t is None else mask.mul_(alpha_t)
-    return _SoftmaxFocal.apply(logits, index, float(gamma), weight)
+    x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    ce = F.cross_entropy(x, target, ignore_index=-100 if ignore_index is None else ignore_index, reduction="none")
+    if gamma == 0:
+        loss = ce
+    else:
+        p_t_minus_1 = torch.expm1(-ce)  # -(1 - p_t), accurate where p_t is near 1
+        if gamma == 2:  # the default: a square, no pow
+            modulator = p_t_minus_1.square()
+        else:
+            one_minus_p_t = p_t_minus_1.neg()
+            if gamma < 1:
+                # d/du u^g = g u^(g-1) is infinite at u = 0 for g < 1, and 0 * inf = NaN on saturated
+                # logits (torchvision's form); u clamped to the smallest normal float keeps the gradient
+                # finite (0 below it) and changes the loss by at most tiny^g * (-log p_t) < tiny^g * tiny.
+                one_minus_p_t = one_minus_p_t.clamp_min(torch.finfo(x.dtype).tiny)
+            modulator = one_minus_p_t.pow(gamma)
+        loss = ce * modulator
+    return loss if alpha_t is None else loss * alpha_t
 
 
 def sigmoid_focal_elements(logits: Tensor, dense: Tensor, gamma: float, alpha: Tensor | float | None) -> Tensor:
@@ -167,8 +71,8 @@ def sigmoid_focal_elements(logits: Tensor, dense: Tensor, gamma: float, alpha: T
 class FocalLoss(SegLoss):
     """Focal loss ``-alpha_t (1 - p_t)^gamma log p_t``.
 
-    ``activation=softmax`` (multi-class): computed from ``log_softmax`` (no clamping)
-    with a fused analytic backward; ``alpha`` is null, a scalar multiplier, or one
+    ``activation=softmax`` (multi-class): computed from the per-pixel cross-entropy
+    (:func:`softmax_focal_loss`, plain PyTorch ops); ``alpha`` is null, a scalar multiplier, or one
     float per class (``auto``: median-frequency weights); with ``gamma=0`` and no
     alpha it equals cross-entropy. ``activation=sigmoid``: binary (1 channel, target
     == 1 positive) or multi-label (C channels, one-hot); per element it equals
@@ -216,17 +120,18 @@ class FocalLoss(SegLoss):
         alpha: Tensor | float | None = self.scalar_alpha
         if self.alpha is not None:
             check_length(self, "alpha", self.alpha, logits.shape[1])
-            alpha = self.alpha.to(device=logits.device, dtype=logits.dtype)
+            # float32 for half-precision logits: the loss is computed in float32 (softmax_focal_loss).
+            alpha = self.alpha.to(device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
         if self.sigmoid:
             if isinstance(alpha, Tensor):
                 alpha = alpha.view((-1,) + (1,) * (logits.dim() - 2))
             elements = sigmoid_focal_elements(logits, target.dense(logits.dtype), self.gamma, alpha)
             return reduce_channels(elements, target.valid, self.reduction, target.num_counted)
         alpha_t = alpha[target.index] if isinstance(alpha, Tensor) else None
-        pixel_loss = softmax_focal_loss(logits, target.index, self.gamma, alpha_t, target.valid)
+        pixel_loss = softmax_focal_loss(logits, target.raw, self.gamma, alpha_t, self.ignore_index)
         if isinstance(alpha, float):
             pixel_loss = pixel_loss * alpha
-        denominator = None if target.valid is None else target.num_counted
+        denominator = None if self.ignore_index is None else target.num_counted
         return reduce_pixels(pixel_loss, self.reduction, denominator)
 
     def extra_repr(self) -> str:

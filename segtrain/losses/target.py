@@ -1,39 +1,116 @@
 """The one place where a segmentation target is checked and converted for a loss.
 
-Every loss calls :func:`prepare_target` first, so shape, value and ignore-index
-handling is the same for all of them and bad input fails here with a message a
-user can act on, before any loss kernel runs.
+Every loss calls :func:`prepare_target` first, so shape and ignore-index handling is the
+same for all of them. Checking the target's *values* needs a read back to the host, so it
+is not done on the device in a training step: the data loader checks every batch on the
+CPU before the transfer (:class:`segtrain.data.MaskCheck`, with the same message,
+:func:`target_value_message`), and a loss called directly checks a CPU target itself
+(``SegLoss.check_targets``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+class MaskValueError(ValueError):
+    """A mask holds values that are no class of the model and not the ignore index."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error is re-raised in the training process as
+        # ``type(error)("Caught ... Original Traceback ...: <message>")``: keep the message alone,
+        # so train.py prints one line a user can act on rather than a worker's traceback.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def num_target_values(channels: int) -> int:
+    """Class values a target may hold for a model with ``channels`` outputs: 0/1 for one (binary) channel."""
+    return 2 if channels == 1 else channels
+
+
+def bad_target_values(target: Tensor, channels: int, ignore_index: int | None) -> list[int]:
+    """Up to 10 distinct values of ``target`` outside ``[0, num_target_values(channels))`` that are not
+    ``ignore_index``; ``[]`` when all are valid. Reads values back to the host: call it on the CPU."""
+    if target.numel() == 0:
+        return []
+    target = target.long()  # before comparing with ignore_index: a uint8 mask would wrap -100 to 156
+    num_values = num_target_values(channels)
+    low, high = torch.aminmax(target)
+    if low >= 0 and high < num_values:  # the common case: one pass over the mask
+        return []
+    bad = (target < 0) | (target >= num_values)
+    if ignore_index is not None:
+        bad &= target != ignore_index
+    return target[bad].unique()[:10].tolist()
+
+
+def target_value_message(where: str, bad: list[int], channels: int, ignore_index: int | None) -> str:
+    """The error for targets holding ``bad`` values: what is allowed and which config keys to change."""
+    if channels == 1:
+        fix = (
+            "a 1-output-channel (binary) model takes 0 = background and 1 = foreground only; for more "
+            "classes set dataset.num_classes to the number of classes (the model then gets one channel "
+            "per class and a multi-label target), or set dataset.ignore_index to the value that marks "
+            "unlabelled pixels"
+        )
+    else:
+        fix = (
+            f"the model has {channels} output channels (dataset.num_classes); set dataset.num_classes to "
+            "cover every class in the masks, or set dataset.ignore_index to the value that marks "
+            "unlabelled pixels"
+        )
+    return (
+        f"{where}: target values {bad} are outside [0, {num_target_values(channels)}) and are not "
+        f"dataset.ignore_index={ignore_index}; {fix}"
+    )
+
+
 @dataclass
 class PreparedTarget:
-    """A checked target, in the forms the losses need.
+    """A checked target, in the forms the losses need, each made on first use.
 
-    ``index`` is the ``(N, *spatial)`` int64 class index with ignored pixels set
-    to 0, so gather/one-hot work on it; ``valid`` marks the counted pixels and is
-    ``None`` when no pixel is ignored (the fast path). ``raw`` is the int64 target
-    with ignored pixels kept, for torch's own losses that take ``ignore_index``.
+    ``raw`` is the ``(N, *spatial)`` int64 target with ignored pixels kept, for torch's
+    own losses that take ``ignore_index``. ``index`` is the class index with ignored
+    pixels set to 0, so gather/one-hot work on it; ``valid`` marks the counted pixels
+    and is ``None`` without an ignore index. ``num_counted`` is the number of counted
+    pixels: an int without an ignore index, else a 0-dim tensor on the target's device
+    (never read back to the host here).
     """
 
-    index: Tensor
     raw: Tensor
-    valid: Tensor | None
+    ignore_index: int | None
     num_channels: int
-    num_counted: int
+    # Forms made so far (a plain dict, not functools.cached_property, whose lock torch.compile cannot trace).
+    made: dict[str, Any] = field(default_factory=dict, repr=False)
 
-    @cached_property
+    def _once(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self.made:
+            self.made[name] = make()
+        return self.made[name]
+
+    @property
+    def valid(self) -> Tensor | None:
+        return self._once("valid", lambda: None if self.ignore_index is None else self.raw != self.ignore_index)
+
+    @property
     def ignored(self) -> Tensor | None:
-        """The left-out pixels ``(N, *spatial)``, or ``None`` when every pixel counts."""
-        return None if self.valid is None else ~self.valid
+        """The left-out pixels ``(N, *spatial)``, or ``None`` without an ignore index."""
+        return self._once("ignored", lambda: None if self.valid is None else ~self.valid)
+
+    @property
+    def index(self) -> Tensor:
+        return self._once("index", lambda: self.raw if self.ignored is None else self.raw.masked_fill(self.ignored, 0))
+
+    @property
+    def num_counted(self) -> Tensor | int:
+        return self._once("num_counted", lambda: self.raw.numel() if self.valid is None else self.valid.sum())
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The ``(N, C, *spatial)`` target: one-hot for C > 1, ``index == 1`` for one channel (binary).
@@ -50,7 +127,7 @@ class PreparedTarget:
 
 
 def prepare_target(
-    logits: Tensor, target: Tensor, *, loss: str, ignore_index: int | None, softmax: bool
+    logits: Tensor, target: Tensor, *, loss: str, ignore_index: int | None, softmax: bool, check_values: bool = True
 ) -> PreparedTarget:
     """Checks ``target`` against ``logits`` and returns it in the forms the losses need.
 
@@ -58,7 +135,8 @@ def prepare_target(
     or ``(N, 1, *spatial)``. With one output channel (a binary sigmoid model) the
     target may hold 0 and 1 only; with C channels, values in ``[0, C)``. Pixels equal
     to ``ignore_index`` are left out. ``softmax`` says the loss normalises over
-    channels and so needs at least two.
+    channels and so needs at least two. ``check_values`` checks the values against the
+    classes (a host read); the shape and type checks need none.
     """
     if logits.dim() < 2 or not logits.is_floating_point():
         raise ValueError(
@@ -88,50 +166,8 @@ def prepare_target(
         )
     # int64 before comparing with ignore_index: a uint8 mask would wrap -100 to 156.
     target = target.long()
-    num_values = 2 if channels == 1 else channels
-    if target.numel() == 0:
-        return PreparedTarget(target, target, None, channels, 0)
-
-    if ignore_index is None:
-        valid = None
-        low, high = torch.aminmax(target)
-        num_counted_t = torch.full((), target.numel(), device=target.device)
-        index = target
-    else:
-        # Which pixels count, and the index with ignored pixels set to class 0, in integer
-        # arithmetic (|target - ignore_index| clamped to 1 is 1 where a pixel counts, else 0)
-        # rather than `target == ignore_index` and torch.where: on the CPU those run at a third
-        # to a quarter of the speed of these vectorised ops, and this check runs at every loss call.
-        counted = (target - ignore_index).abs_().clamp_(max=1)
-        valid = counted.bool()  # 1 byte a pixel instead of 8
-        num_counted_t = counted.sum()
-        # target & -counted: the target where counted, else 0; in place (one int64 buffer for both),
-        # and a bitwise and, which is vectorised where an int64 multiply is not (2x faster here).
-        index = counted.neg_().bitwise_and_(target)
-        low, high = torch.aminmax(index)
-    # One host sync per step, on purpose: checking values here is what turns an
-    # out-of-range class into a readable error instead of a device-side assert (or a
-    # silently wrong one-hot), and it tells us whether any pixel is ignored at all.
-    low_v, high_v, num_counted = torch.stack([low, high, num_counted_t]).tolist()
-    if low_v < 0 or high_v >= num_values:
-        bad = index[(index < 0) | (index >= num_values)].unique()[:10].tolist()
-        ignore_text = f"dataset.ignore_index={ignore_index}"
-        if channels == 1:
-            fix = (
-                "a 1-output-channel (binary) model takes 0 = background and 1 = foreground only; for more "
-                "classes set dataset.num_classes to the number of classes (the model then gets one channel "
-                "per class and a multi-label target), or set dataset.ignore_index to the value that marks "
-                "unlabelled pixels"
-            )
-        else:
-            fix = (
-                f"the model has {channels} output channels (dataset.num_classes); set dataset.num_classes to "
-                "cover every class in the masks, or set dataset.ignore_index to the value that marks "
-                "unlabelled pixels"
-            )
-        raise ValueError(
-            f"loss={loss}: target values {bad} are outside [0, {num_values}) and are not {ignore_text}; {fix}"
-        )
-    if num_counted == target.numel():
-        valid = None
-    return PreparedTarget(index, target, valid, channels, num_counted)
+    if check_values:  # a host read: on request, or for a CPU target (SegLoss.check_targets)
+        bad = bad_target_values(target, channels, ignore_index)
+        if bad:
+            raise MaskValueError(target_value_message(f"loss={loss}", bad, channels, ignore_index))
+    return PreparedTarget(target, ignore_index, channels)

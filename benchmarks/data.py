@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from segtrain.build import build_loader
+from segtrain.data import MaskCheck
 from segtrain.host_memory import keep_freed_memory
 from segtrain.models.unet import UNet
 from segtrain.registry import DATASETS
@@ -82,7 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     count, size, crop, batch_size, batches, steps = (12, 64, 32, 4, 3, 2) if args.smoke else (64, 512, 256, 8, 24, 5)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    keep_freed_memory()  # as a training run does (trainer.keep_freed_memory); forked workers inherit it
+    if device.type == "cpu":
+        keep_freed_memory()  # as a CPU training run does (trainer.keep_freed_memory); forked workers inherit it
     rows: list[tuple[str, str, float]] = []
     with tempfile.TemporaryDirectory() as folder:
         write_folder(Path(folder), count, size)
@@ -91,9 +93,10 @@ def main() -> None:
             mask_values=[0, 255], size=crop, augment="light", val_fraction=0.1,
         )
         shapes_set = DATASETS.get("shapes")("train", size=crop, train_samples=count, cache=False)
-        for name, dataset in ((f"folder+light ({size}px PNG -> {crop})", folder_set), (f"shapes ({crop}px)", shapes_set)):
+        for name, dataset, classes in ((f"folder+light ({size}px PNG -> {crop})", folder_set, 2), (f"shapes ({crop}px)", shapes_set, 4)):
             for workers in (0, 1, 2):
-                loader = build_loader(dataset, batch_size, workers, True, 0, device)
+                # As in training: the collate checks each batch's mask values.
+                loader = build_loader(dataset, batch_size, workers, True, 0, device, MaskCheck(name, "train", classes, None))
                 rows.append((name, str(workers), loader_images_per_second(loader, batches)))
                 del loader  # ends persistent workers before the next measurement
     rows.append((f"train step, UNet 16x3 ({device.type})", "-", train_step_images_per_second(batch_size, crop, steps, device)))

@@ -19,10 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segtrain import losses
 from segtrain.audit import AuditReport, audit, can_audit, log_report
 from segtrain.checkpoint import load_checkpoint, load_model_state
-from segtrain.data import EpochSampler
+from segtrain.data import EpochSampler, MaskCheck
 from segtrain.devices import ConfigError, resolve_device
 from segtrain.distributed import ShardSampler, world, wrap_model
-from segtrain.host_memory import keep_freed_memory
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels
 
@@ -98,8 +97,11 @@ def seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device) -> DataLoader:
+def build_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, train: bool, seed: int, device: torch.device, mask_check: MaskCheck
+) -> DataLoader:
     """Training: a seeded shuffle per epoch (``EpochSampler``), resumable mid-epoch; validation: in order.
+    Every batch's mask values are checked on the CPU by ``mask_check`` (the collate function).
 
     Under DDP each process loads its shard (``batch_size`` is per process): training takes
     every ``world.size``-th sample of the epoch's shuffle, validation every ``world.size``-th
@@ -115,6 +117,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, train: boo
         sampler=sampler,
         drop_last=train and len(dataset) > batch_size,  # no tiny last batch in training (BatchNorm)
         num_workers=num_workers,
+        collate_fn=mask_check,
         persistent_workers=num_workers > 0,
         pin_memory=device.type == "cuda",
         worker_init_fn=seed_worker,
@@ -152,9 +155,10 @@ def build_loss(
         log.info("class pixel counts on the training masks: %s", counts.tolist())
         loss_cfg = losses.resolve_auto(loss_cfg, counts, num_classes)
         log.info("loss parameters with auto resolved: %s", loss_cfg)
-    if "_target_" in loss_cfg:
-        return hydra.utils.instantiate(loss_cfg), loss_cfg
-    return losses.build_loss(**loss_cfg), loss_cfg
+    loss = hydra.utils.instantiate(loss_cfg) if "_target_" in loss_cfg else losses.build_loss(**loss_cfg)
+    if isinstance(loss, losses.SegLoss):
+        loss.check_targets = False  # the loaders check every batch on the CPU (MaskCheck): no host read per loss call
+    return loss, loss_cfg
 
 
 def build_model(model_cfg: dict[str, Any], out_channels: int) -> nn.Module:
@@ -207,8 +211,6 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     deterministic = bool(cfg.trainer.get("deterministic", False))
     torch.use_deterministic_algorithms(deterministic, warn_only=device.type == "cuda")
     torch.backends.cudnn.benchmark = not deterministic  # autotuned kernels are fast but not reproducible
-    if cfg.trainer.get("keep_freed_memory", True) and keep_freed_memory():
-        log.info("host memory: freed memory is kept for the next step, not returned to the OS (trainer.keep_freed_memory)")
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
     num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
     train_set, val_set = build_datasets(dataset_cfg)
@@ -229,8 +231,13 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     )
     log.info("loss: %s; dataset: %s (%d train, %d val samples)", loss_cfg.get("name", loss_cfg.get("_target_")), dataset_cfg.get("name"), len(train_set), len(val_set))
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
-    train_loader = build_loader(train_set, dataset_cfg["batch_size"], dataset_cfg["num_workers"], True, cfg.seed, device)
-    val_loader = build_loader(val_set, val_batch_size(dataset_cfg), dataset_cfg["num_workers"], False, cfg.seed, device)
+    name, workers = dataset_cfg.get("name", dataset_cfg.get("_target_")), dataset_cfg["num_workers"]
+    train_loader = build_loader(
+        train_set, dataset_cfg["batch_size"], workers, True, cfg.seed, device, MaskCheck(name, "train", out_channels, ignore_index)
+    )
+    val_loader = build_loader(
+        val_set, val_batch_size(dataset_cfg), workers, False, cfg.seed, device, MaskCheck(name, "val", out_channels, ignore_index)
+    )
     steps_per_epoch = max(1, math.ceil(len(train_loader) / int(cfg.trainer.get("accumulate", 1))))
     max_steps = cfg.trainer.max_steps
     total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch

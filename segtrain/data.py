@@ -1,10 +1,13 @@
-"""Sampling that makes the data order a function of (seed, epoch), so runs resume exactly."""
+"""How batches are drawn and checked: sampling that makes the data order a function of
+(seed, epoch), so runs resume exactly, and the check of every batch's mask values."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from typing import Any
 
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, default_collate
+
+from segtrain.losses.target import MaskValueError, bad_target_values, target_value_message
 
 
 class EpochSampler(DistributedSampler):
@@ -45,3 +48,26 @@ class SampleCache:
         if index not in self.entries:
             self.entries[index] = make(index)
         return self.entries[index]
+
+
+class MaskCheck:
+    """The loaders' ``collate_fn``: stacks the samples, then checks the batch's mask values on
+    the CPU, before the transfer to the device (in the DataLoader's worker processes when
+    ``dataset.num_workers > 0``).
+
+    Values must be classes of the model (``[0, C)``, 0/1 for a one-channel binary model) or
+    ``dataset.ignore_index``. Checking here, once per batch for every dataset, turns a bad mask
+    into an error that names the values and the config keys, without the losses reading values
+    back from the device in each training step (a CPU-GPU sync between forward and backward).
+    """
+
+    def __init__(self, dataset: str, split: str, channels: int, ignore_index: int | None) -> None:
+        self.where = f"dataset={dataset} ({split} split)"
+        self.channels, self.ignore_index = channels, ignore_index
+
+    def __call__(self, samples: Sequence[Any]) -> Any:
+        batch = default_collate(samples)
+        bad = bad_target_values(batch[1], self.channels, self.ignore_index)
+        if bad:
+            raise MaskValueError(target_value_message(self.where, bad, self.channels, self.ignore_index))
+        return batch

@@ -13,6 +13,7 @@ from segtrain import distributed
 from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.devices import ConfigError
+from segtrain.host_memory import keep_freed_memory_for_cpu_training
 from segtrain.run_log import RunLog
 from segtrain.inference import SlidingWindow, sliding_window_from
 from segtrain.trainer import Trainer, TrainerSettings, evaluate, named_metrics
@@ -109,6 +110,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         log.info("resuming from %s (epoch %d, batch %d, step %d); writing into %s", path, state["epoch"], state["batch"], state["step"], run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     components, run_cfg = build(cfg)
+    # A CPU setting, made here rather than in build(): it changes the whole process's allocator.
+    keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.get("keep_freed_memory", True)))
     if distributed.is_main():
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
     palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)

@@ -47,7 +47,7 @@ class TrainerSettings:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False
-    keep_freed_memory: bool = True  # glibc malloc reuses freed memory (segtrain/host_memory.py); applied by build()
+    keep_freed_memory: bool = True  # CPU training: glibc malloc reuses freed memory (segtrain/host_memory.py); applied by run.train
     accumulate: int = 1  # micro-batches per optimizer step
     clip_grad_norm: float | None = None
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
@@ -187,26 +187,29 @@ class Trainer:
             self.train_loader, desc=f"epoch {state.epoch}", initial=state.batch, total=batches_in_epoch,
             disable=not settings.progress_bar, leave=False, dynamic_ncols=True,
         )
-        micro_batches = 0
+        micro_batches, finite = 0, None
         for images, masks in bar:
             images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
-            masks = masks.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)  # values checked on the CPU by the loader (MaskCheck)
             with torch.autocast(self.device.type, self.dtype, enabled=self.autocast_enabled):
                 outputs = model(images)
                 loss, terms = model_loss(self.loss_fn, outputs, masks, unwrap(self.model))
             state.batch += 1
             images_seen += images.shape[0]
-            # Checking finiteness is a CPU-GPU sync point, paid to skip a bad step before backward.
-            if not torch.isfinite(loss):
-                self.skip_bad_step(terms)
-                micro_batches = 0
-                continue
-            state.bad_steps_in_a_row = 0
+            # No host read between forward and backward: whether the loss is finite is recorded on
+            # the device here and read once per optimizer step, after backward (optimizer_step_is_finite).
             self.scaler.scale(loss / settings.accumulate).backward()
+            finite = finite_terms(loss, terms) if finite is None else finite & finite_terms(loss, terms)
             micro_batches += 1
             if micro_batches < settings.accumulate and state.batch < batches_in_epoch:
                 continue
             micro_batches = 0
+            if not self.optimizer_step_is_finite(finite):
+                self.skip_bad_step(finite, terms)
+                finite = None
+                continue
+            finite = None
+            state.bad_steps_in_a_row = 0
             grad_norm = self.optimizer_step()
             state.step += 1
             if state.step % settings.log_every == 0:
@@ -240,21 +243,39 @@ class Trainer:
 
     def log_step(self, loss: torch.Tensor, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor | None, speed: float, bar: tqdm) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        values = {"train/loss": loss.item(), "train/lr": lr, "train/images_per_second": speed}  # .item(): a sync point
-        if len(terms) > 1:
-            values.update({f"train/loss/{name}": term.item() for name, term in terms.items()})
+        names = ["train/loss", *(f"train/loss/{name}" for name in terms if len(terms) > 1)]
+        tensors = [loss.detach(), *(terms.values() if len(terms) > 1 else [])]
         if grad_norm is not None:
-            values["train/grad_norm"] = grad_norm.item()
+            names.append("train/grad_norm")
+            tensors.append(grad_norm)
+        # A logging step's one read back to the host, for all its values at once.
+        values = dict(zip(names, torch.stack([value.float() for value in tensors]).tolist()))
+        values.update({"train/lr": lr, "train/images_per_second": speed})
         values.update(system_scalars(self.device))  # system/gpu_memory_gb on CUDA
         self.run_log.scalars(self.state.step, values)
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
 
-    def skip_bad_step(self, terms: dict[str, torch.Tensor]) -> None:
+    def optimizer_step_is_finite(self, finite: torch.Tensor) -> bool:
+        """Whether every loss term of this optimizer step's micro-batches was finite, on every process.
+
+        The training step's one read back to the host, after backward: a CUDA step's
+        forward and backward are queued without waiting for it. Under DDP the processes
+        agree (a minimum over them), so all skip or all step.
+        """
+        everywhere = finite.all()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            everywhere = everywhere.to(torch.int32)
+            torch.distributed.all_reduce(everywhere, op=torch.distributed.ReduceOp.MIN)
+        return bool(everywhere.item())
+
+    def skip_bad_step(self, finite: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """Drop the step's gradients (the optimizer does not step), log which term went bad, stop after too many."""
         state = self.state
         state.bad_steps_in_a_row += 1
         state.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        bad = [name for name, value in terms.items() if not torch.isfinite(value)] or list(terms)
+        flags = finite.tolist()  # read only on this rare path: [total, *terms]
+        bad = [name for name, ok in zip(terms, flags[1:]) if not ok] or (["another process's loss"] if all(flags) else list(terms))
         log.warning("step %d: non-finite loss in %s; step skipped (%d in a row)", state.step + 1, ", ".join(bad), state.bad_steps_in_a_row)
         self.run_log.scalars(state.step, {"train/skipped_steps": state.skipped_steps})
         if state.bad_steps_in_a_row >= self.settings.max_bad_steps:
@@ -451,5 +472,11 @@ def named_metrics(metrics: dict[str, Any], class_names: list[str]) -> dict[str, 
     }
 
 
+def finite_terms(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Whether the total and each term are finite, as a bool vector on the device (nothing read back)."""
+    return torch.isfinite(torch.stack([loss.detach().float(), *(term.float() for term in terms.values())]))
+
+
 def is_finite_model(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(parameter).all()) for parameter in model.parameters())
+    """All weights finite (one read back to the host, at validation)."""
+    return bool(torch.stack([torch.isfinite(parameter).all() for parameter in model.parameters()]).all())

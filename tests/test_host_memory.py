@@ -1,4 +1,4 @@
-"""trainer.keep_freed_memory: glibc's malloc keeps what a step frees, so the next step takes no page faults."""
+"""trainer.keep_freed_memory (CPU training): glibc's malloc keeps what a step frees, so the next step takes no page faults."""
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +7,10 @@ import sys
 import pytest
 
 import segtrain.build
+import segtrain.run
 from conftest import REPO, TINY, compose_config
-from segtrain.host_memory import GLIBC
+from segtrain import host_memory
+from segtrain.host_memory import GLIBC, keep_freed_memory_for_cpu_training
 
 # Five "steps" that each allocate and touch 10 blocks of 8 MiB, then free them all, as a training
 # step does with its activations; prints the page faults (ru_minflt) the five took.
@@ -49,12 +51,25 @@ def test_kept_memory_is_reused_without_page_faults():
     assert default > 4 * kept, (kept, default)
 
 
-def test_build_applies_it_unless_switched_off(monkeypatch, caplog):
+def test_applied_for_cpu_training_only_once_and_unless_switched_off(monkeypatch, caplog):
     calls = []
-    monkeypatch.setattr(segtrain.build, "keep_freed_memory", lambda: calls.append(True) or True)
-    with caplog.at_level("INFO", logger="segtrain.build"):
-        segtrain.build.build(compose_config(TINY))
-    assert calls == [True]
-    assert "freed memory is kept" in caplog.text
-    segtrain.build.build(compose_config([*TINY, "trainer.keep_freed_memory=false"]))
-    assert calls == [True]
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(host_memory, "_applied", False)
+    assert not keep_freed_memory_for_cpu_training("cuda", True)  # activations live on the GPU: nothing to gain
+    assert not keep_freed_memory_for_cpu_training("cpu", False)  # trainer.keep_freed_memory=false
+    assert calls == []
+    with caplog.at_level("INFO", logger="segtrain.host_memory"):
+        assert keep_freed_memory_for_cpu_training("cpu", True)
+        assert keep_freed_memory_for_cpu_training("cpu", True)
+    assert calls == [True] and caplog.text.count("malloc keeps freed memory") == 1
+
+
+def test_a_cpu_training_run_applies_it_and_build_does_not(monkeypatch, tmp_path, caplog):
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(host_memory, "_applied", False)
+    segtrain.build.build(compose_config(TINY))
+    assert calls == []  # building objects changes no process-wide setting
+    with caplog.at_level("INFO", logger="segtrain.host_memory"):
+        segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1", "trainer.log_images=0"]), tmp_path)
+    assert calls == [True] and "trainer.keep_freed_memory=true" in caplog.text

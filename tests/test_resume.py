@@ -204,6 +204,17 @@ def test_non_finite_losses_skip_steps_and_the_run_finishes(tmp_path):
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
 
 
+def test_a_bad_micro_batch_skips_its_whole_optimizer_step(tmp_path, caplog):
+    # 6 batches an epoch, 2 per optimizer step: the 3rd batch's NaN spoils step 2's accumulated gradients.
+    with caplog.at_level("WARNING", logger="segtrain.trainer"):
+        segtrain.run.train(compose_config([*TINY, *nan_loss([3]), "trainer.accumulate=2"]), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 1 and metrics["steps"] == 2 * 3 - 1
+    assert "step 2: non-finite loss in test_nan_on_steps; step skipped (1 in a row)" in caplog.text
+    weights = load_checkpoint(tmp_path / "last.pt")["model"]
+    assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())
+
+
 def test_too_many_non_finite_losses_in_a_row_stop_the_run(tmp_path):
     cfg = compose_config([*TINY, *nan_loss([3, 4, 5]), "trainer.max_bad_steps=3"])
     with pytest.raises(TrainingError, match="3 non-finite losses in a row .*trainer.max_bad_steps=3"):

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import compose_config
 from segtrain.build import build, build_datasets, build_model
+from segtrain.data import MaskCheck
 from segtrain.devices import ConfigError
 from segtrain.trainer import model_loss
 
@@ -153,6 +154,10 @@ def test_dataset_configs_read_their_layout(tmp_path, name, fake, expected_classe
     components, _ = build(compose_config([f"dataset={name}", f"dataset.root={tmp_path}", "dataset.size=16", "dataset.num_workers=0",
                                           "dataset.batch_size=1", "device_list=[]", "model.width=4", "model.depth=2"]))
     assert components.num_classes == cfg.dataset.num_classes  # the audit passed on the fake copy
+    for loader in (components.train_loader, components.val_loader):  # batches pass the loader's mask check
+        assert isinstance(loader.collate_fn, MaskCheck)
+        _, masks = next(iter(loader))
+        assert set(masks.unique().tolist()) <= expected_classes
 
 
 @pytest.mark.parametrize("name, hint", [("voc", "VOCtrainval_11-May-2012.tar"), ("pets", "images.tar.gz"), ("cityscapes", "gtFine_trainvaltest.zip")])

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
 from segtrain.build import Components, build  # noqa: E402
+from segtrain.host_memory import keep_freed_memory_for_cpu_training  # noqa: E402
 from segtrain.run import make_trainer  # noqa: E402
 from segtrain.run_log import RunLog  # noqa: E402
 from segtrain.trainer import PRECISIONS, Trainer  # noqa: E402
@@ -111,6 +112,8 @@ def build_bench(overrides: list[str], run_dir: Path) -> Bench:
     ``run_dir``), and the training batches of one epoch on the device for the plain loop."""
     cfg = compose_config(overrides)
     components, run_cfg = build(cfg)
+    # As segtrain.run.train does: the allocator setting of a CPU training run (the whole process, so both loops).
+    keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.keep_freed_memory))
     run_log = RunLog(run_dir, components.class_names, None, cfg.trainer.log_image_size)
     trainer = make_trainer(cfg, components, run_cfg, run_dir, run_log)
     timer = DataWaitTimer(trainer.train_loader)

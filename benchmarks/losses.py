@@ -140,7 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # As in a training run (trainer.keep_freed_memory, on by default): freed tensors are reused, not
+    # As in a CPU training run (trainer.keep_freed_memory, on by default): freed tensors are reused, not
     # page-faulted back in, which would otherwise add up to half a millisecond to a step here.
     kept = keep_freed_memory() if not args.glibc_defaults else False
     if args.smoke:

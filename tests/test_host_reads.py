@@ -178,12 +178,13 @@ def test_the_counting_sees_a_read_between_forward_and_backward(tmp_path, monkeyp
 
     def reading_loss(*args, **kwargs):
         loss, terms = original(*args, **kwargs)
-        float(loss)  # what `if not torch.isfinite(loss)` before backward used to do
+        if not torch.isfinite(loss):  # what the step did before backward until this check moved after it
+            pass
         return loss, terms
 
     monkeypatch.setattr(segtrain.trainer, "model_loss", reading_loss)
     recorder = run_recorded(tmp_path, monkeypatch, [])
-    assert recorder.reads_between_forward_and_backward() == ["__float__"] * (48 // 8)
+    assert recorder.reads_between_forward_and_backward() == ["__bool__"] * (48 // 8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the sync debug mode checks the CUDA step")

@@ -161,12 +161,14 @@ class Trainer:
         self.session_start, self.wall_before = time.perf_counter(), state.wall_seconds
         with stop_signals() as received:
             while state.epoch <= self.max_epochs and not self.reached_max_steps():
-                self.train_one_epoch(received)
+                with self.out_of_memory_names("dataset.batch_size", self.train_loader.batch_size):
+                    self.train_one_epoch(received)
                 finished_epoch = state.epoch
                 last = finished_epoch == self.max_epochs or self.reached_max_steps()
                 state.epoch, state.batch = state.epoch + 1, 0
                 if finished_epoch % settings.val_every == 0 or last:
-                    self.validate(finished_epoch)
+                    with self.out_of_memory_names("dataset.val_batch_size", self.val_loader.batch_size):
+                        self.validate(finished_epoch)
                 elif settings.save_checkpoints:
                     self.save(improved=False)
                 self.run_log.flush()
@@ -175,6 +177,26 @@ class Trainer:
         metrics = self.summary(finished=True)
         self.run_log.write_metrics(metrics)
         return metrics
+
+    @contextlib.contextmanager
+    def out_of_memory_names(self, key: str, batch_size: int | None) -> Iterator[None]:
+        """An out-of-memory error becomes a TrainingError naming the batch size, precision and what to try."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            cpu_out_of_memory = "can't allocate memory" in str(error) or "not enough memory" in str(error)
+            if not isinstance(error, torch.OutOfMemoryError) and not cpu_out_of_memory:
+                raise
+            where = "CUDA" if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda" else "host (CPU)"
+            smaller = max(1, (batch_size or 2) // 2)
+            precision = self.settings.precision
+            cheaper = " or trainer.precision=bf16" if precision == "32" else ""
+            raise TrainingError(
+                f"{where} out of memory at epoch {self.state.epoch}, step {self.state.step + 1} with {key}={batch_size} and "
+                f"trainer.precision={precision}: lower {key} (e.g. {key}={smaller}"
+                + (f"; trainer.accumulate={2 * self.settings.accumulate} keeps the images per optimizer step" if key == "dataset.batch_size" else "")
+                + f"){cheaper}, or use a smaller dataset.size or model"
+            ) from None
 
     def train_one_epoch(self, received: dict[str, int]) -> None:
         state, settings, model = self.state, self.settings, self.forward_model

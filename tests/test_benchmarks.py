@@ -62,3 +62,21 @@ def test_scaling_smoke():
     for row in rows:
         assert positive(row["epoch s (median 2..N)"]) and positive(row["last / 2nd epoch"]), row
     assert [row["work x"] for row in rows] == ["1", "4", "1", "4"]
+
+
+@pytest.mark.slow  # the CUDA tests dry-run on the CPU: a few train.py runs
+def test_gpu_check_smoke_writes_its_results(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: the GPU check's steps on the CPU, its files under $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    process = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--smoke"], cwd=REPO, capture_output=True, text=True, timeout=900, env=env
+    )
+    assert process.returncode == 0, process.stdout[-5000:] + process.stderr[-3000:]
+    assert {"versions.txt", "nvidia-smi.txt", "pytest.txt", "gpu_table.md", "summary.txt"} <= {p.name for p in tmp_path.iterdir()}
+    assert "torch:" in (tmp_path / "versions.txt").read_text()
+    pytest_summary = (tmp_path / "pytest.txt").read_text().splitlines()[-1]
+    assert " passed" in pytest_summary and "failed" not in pytest_summary
+    assert "PASSED tests/test_cuda.py::test_every_loss_on_the_device_equals_its_cpu_value_and_gradient" in (tmp_path / "pytest.txt").read_text()
+    rows = table((tmp_path / "gpu_table.md").read_text())
+    assert [row["model"] for row in rows] == ["unet", "unet", "deeplabv3_resnet50"]
+    assert "gpu_check:" in (tmp_path / "summary.txt").read_text()

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(
     not CUDA and not DRY_RUN,
     reason=f"needs CUDA (torch {torch.__version__}: torch.cuda.is_available() is False); SEGTRAIN_CUDA_DRY_RUN=1 runs it on the CPU",
 )
-cuda_only = pytest.mark.skipif(not CUDA, reason="a CUDA-only behaviour (dry run on the CPU)")
+cuda_only = pytest.mark.skipif(not CUDA, reason="a CUDA-only behaviour (NCCL, CUDA out of memory): needs torch.cuda.is_available()")
 DEVICE = torch.device("cuda", 0) if CUDA else torch.device("cpu")
 ON_DEVICE = [arg if not arg.startswith("device_list=") else ("device_list=[0]" if CUDA else "device_list=[]") for arg in TINY]
 # A little more than TINY, so that a GPU step does real work: 64 px, width 16.

@@ -6,13 +6,14 @@ the GPU has caught up. The test wraps those Tensor methods around a few real ste
 (``segtrain.run.train`` on the composed config) and records them in order with the forward, backward
 and optimizer-step calls. Reads inside the data loader (the CPU mask check, before the transfer),
 inside ``optimizer.step`` (torch's own, on CPU step counters) and in validation are not counted.
-On CUDA the same run also runs under ``torch.cuda.set_sync_debug_mode("error")`` from the start of
-each forward to the end of its backward, which catches any synchronising call, not only these methods.
+On CUDA the same run also runs under ``torch.cuda.set_sync_debug_mode("warn")``, whose warnings are
+recorded in the same order: that catches any synchronising call, not only these methods.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 
 import pytest
 import torch
@@ -29,7 +30,8 @@ READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "num
 
 
 class StepRecorder:
-    """Events in call order: ("forward" | "backward" | "step", None) and ("read", method name)."""
+    """Events in call order: ("forward" | "backward" | "step", None), ("read", method name) and, on
+    CUDA, ("sync", warning text) for each synchronising call torch's sync debug mode reports."""
 
     def __init__(self, cuda: bool) -> None:
         self.events: list[tuple[str, str | None]] = []
@@ -61,10 +63,7 @@ class StepRecorder:
 
         def backward(self, *args, **kwargs):
             recorder.events.append(("backward", None))
-            result = original_backward(self, *args, **kwargs)
-            if recorder.cuda:
-                torch.cuda.set_sync_debug_mode(0)
-            return result
+            return original_backward(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, "backward", backward)
         original_next = _BaseDataLoaderIter.__next__
@@ -91,8 +90,6 @@ class StepRecorder:
             def forward(*f_args, **f_kwargs):
                 if model.training:
                     recorder.events.append(("forward", None))
-                    if recorder.cuda:
-                        torch.cuda.set_sync_debug_mode("error")
                 return model_forward(*f_args, **f_kwargs)
 
             def step(*s_args, **s_kwargs):
@@ -104,6 +101,38 @@ class StepRecorder:
             return trainer
 
         monkeypatch.setattr(segtrain.run, "make_trainer", make_trainer)
+        if self.cuda:
+            original_show = warnings.showwarning
+
+            def show(message, category, *args, **kwargs):
+                if "synchroniz" in str(message):
+                    if not recorder.paused:
+                        recorder.events.append(("sync", str(message)[:200]))
+                    return None
+                return original_show(message, category, *args, **kwargs)
+
+            monkeypatch.setattr(warnings, "showwarning", show)
+
+    def syncs_between_forward_and_backward(self) -> list[str]:
+        inside, found = False, []
+        for kind, name in self.events:
+            inside = True if kind == "forward" else False if kind == "backward" else inside
+            if kind == "sync" and inside:
+                found.append(name)
+        return found
+
+    def syncs_per_optimizer_step(self) -> list[int]:
+        counts: list[int] = []
+        current: int | None = None
+        for kind, _ in self.events:
+            if kind == "forward" and current is None:
+                current = 0
+            elif kind == "sync" and current is not None:
+                current += 1
+            elif kind == "step":
+                counts.append(current or 0)
+                current = 0
+        return counts
 
     def reads_between_forward_and_backward(self) -> list[str]:
         reads, inside = [], False
@@ -146,9 +175,17 @@ def run_recorded(tmp_path, monkeypatch, overrides: list[str], cuda: bool = False
     recorder.install(monkeypatch)
     # No logging step (log_every beyond the run), no pictures: only the training steps' own reads.
     common = [*TINY, "trainer.max_epochs=1", "trainer.log_every=1000", "trainer.log_images=0"]
-    if cuda:
-        common = [*common, "device_list=[0]"]
-    segtrain.run.train(compose_config([*common, *overrides]), tmp_path)
+    if not cuda:
+        segtrain.run.train(compose_config([*common, *overrides]), tmp_path)
+        return recorder
+    common = [arg for arg in common if not arg.startswith("device_list=")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every sync is reported, not only the first at each line
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            segtrain.run.train(compose_config([*common, "device_list=[0]", *overrides]), tmp_path)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
     return recorder
 
 
@@ -190,7 +227,11 @@ def test_the_counting_sees_a_read_between_forward_and_backward(tmp_path, monkeyp
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the sync debug mode checks the CUDA step")
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_step_has_no_sync_between_forward_and_backward(case, tmp_path, monkeypatch):
-    recorder = run_recorded(tmp_path, monkeypatch, CASES[case], cuda=True)  # set_sync_debug_mode("error") raises on a sync
+    recorder = run_recorded(tmp_path, monkeypatch, CASES[case], cuda=True)
     assert recorder.reads_between_forward_and_backward() == []
+    assert recorder.syncs_between_forward_and_backward() == []
     assert all(len(reads) <= 1 for reads in recorder.reads_per_optimizer_step())
+    syncs = recorder.syncs_per_optimizer_step()
+    assert len(syncs) == json.loads((tmp_path / "metrics.json").read_text())["steps"]
+    assert all(count <= 1 for count in syncs), (syncs, [event for event in recorder.events if event[0] == "sync"][:5])
 

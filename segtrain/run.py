@@ -1,4 +1,4 @@
-"""Run a job from a composed config: what ``train.py`` calls (``mode=train | eval | predict | audit``)."""
+"""Run a job from a composed config: what ``train.py`` calls (``mode=train | eval | predict | export | audit``)."""
 from __future__ import annotations
 
 import json
@@ -38,7 +38,11 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
         return audit_only(cfg)
     if mode == "predict":
         return predict_checkpoint(cfg, Path(run_dir))
-    raise ConfigError(f"mode={mode}: unknown mode; known: audit, eval, predict, train")
+    if mode == "export":
+        from segtrain.export import export_checkpoint  # onnx and onnxruntime only when exporting
+
+        return export_checkpoint(cfg)
+    raise ConfigError(f"mode={mode}: unknown mode; known: audit, eval, export, predict, train")
 
 
 def audit_only(cfg: DictConfig) -> float:

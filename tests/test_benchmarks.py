@@ -80,3 +80,11 @@ def test_gpu_check_smoke_writes_its_results(tmp_path):
     rows = table((tmp_path / "gpu_table.md").read_text())
     assert [row["model"] for row in rows] == ["unet", "unet", "deeplabv3_resnet50"]
     assert "gpu_check:" in (tmp_path / "summary.txt").read_text()
+
+
+def test_export_smoke():
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed: pip install -e '.[export]'")
+    rows = table(run_benchmark("export.py"))
+    assert [row["model"] for row in rows] == ["unet"]
+    assert rows[0]["check passed"] == "yes" and rows[0]["fixed axes"] == "none"
+    assert positive(rows[0]["torch ms"]) and positive(rows[0]["onnxruntime ms"])

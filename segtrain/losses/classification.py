@@ -17,7 +17,8 @@ from segtrain.losses.base import (
 )
 from segtrain.losses.target import PreparedTarget
 
-# torch's default ignore_index; no valid target can hold it (prepare_target checks [0, C)).
+# torch's default ignore_index; no valid target holds it (values are checked to be in [0, C) or the
+# ignore index: by the loaders' MaskCheck in training, by prepare_target for a CPU target).
 _TORCH_NO_IGNORE = -100
 
 

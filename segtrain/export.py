@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from segtrain.build import Components, build
-from segtrain.checkpoint import load_checkpoint, load_model_state
+import segtrain.run
+from segtrain.build import Components
 from segtrain.devices import ConfigError
 from segtrain.visualize import resolve_palette
 
@@ -48,17 +48,12 @@ def export_checkpoint(cfg: DictConfig) -> float:
             f"mode=export needs {', '.join(missing)}: install the export extra, pip install -e '.[export]' "
             "(onnx, onnxscript, onnxruntime)"
         )
-    if not cfg.get("resume"):
-        raise ConfigError("mode=export needs a checkpoint: add resume=<path to best.pt or last.pt, or a run dir>")
-    path = checkpoint_to_export(Path(cfg.resume))
-    checkpoint = load_checkpoint(path)
-    run_cfg = OmegaConf.create(checkpoint["config"])
-    with open_dict(run_cfg):  # export and check on the CPU, in float32; no workers needed for a few samples
-        run_cfg.device_list, run_cfg.dataset.num_workers = [], 0
-    components, _ = build(run_cfg)
-    model = components.model
-    load_model_state(model, checkpoint["model"], strict=True)
-    model.eval()
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.device_list = []  # export and check on the CPU, in float32
+    loaded = segtrain.run.model_from_checkpoint(cfg)
+    components, path, checkpoint, run_cfg = loaded.components, loaded.path, loaded.checkpoint, loaded.config
+    model = components.model.eval()
     export_cfg = cfg.get("export") or {}
     output = Path(export_cfg.get("output") or path.parent / "export")
     output.mkdir(parents=True, exist_ok=True)
@@ -83,15 +78,6 @@ def export_checkpoint(cfg: DictConfig) -> float:
         )
     log.info("export checked: %s, %s and export.json in %s", "model.onnx", "model.pt2", output)
     return min(row["argmax_agreement"] for row in rows)
-
-
-def checkpoint_to_export(resume: Path) -> Path:
-    """A checkpoint file, or a run dir's ``best.pt`` (its ``last.pt`` when there is no best)."""
-    candidates = [resume] if resume.is_file() else [resume / "best.pt", resume / "last.pt"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"resume={resume}: no checkpoint there; give a .pt file or a run dir that holds best.pt or last.pt")
 
 
 def validation_samples(components: Components, count: int) -> torch.Tensor:

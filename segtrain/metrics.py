@@ -53,4 +53,6 @@ class ConfusionMatrix:
             "dice": float(dice[present].mean()) if present.any() else float("nan"),
             "IoU": iou.tolist(),
             "Dice": dice.tolist(),
+            # Per class, the share of its ground-truth pixels predicted as it (recall); NaN for an absent class.
+            "class_acc": torch.where(true_count > 0, true_positive / true_count.clamp(min=1), nan).tolist(),
         }

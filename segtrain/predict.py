@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
 
 from segtrain.build import Components
@@ -92,7 +91,3 @@ def write_prediction(path: Path, raw_image: np.ndarray, classes: np.ndarray, out
     Image.fromarray(overlay(image_rgb, colourize(classes, palette))).save(overlay_path)
     return [mask_path, overlay_path]
 
-
-def output_dir_for(cfg: DictConfig, run_dir: Path) -> Path:
-    configured = cfg.get("predict", {}).get("output")
-    return Path(configured) if configured else run_dir / "predictions"

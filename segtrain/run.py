@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from segtrain import distributed
@@ -33,11 +34,11 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
                 return train(cfg, run_dir)
         return train(cfg, run_dir)
     if mode == "eval":
-        return evaluate_checkpoint(cfg, Path(run_dir))
+        return evaluate_checkpoint(cfg)
     if mode == "audit":
         return audit_only(cfg)
     if mode == "predict":
-        return predict_checkpoint(cfg, Path(run_dir))
+        return predict_checkpoint(cfg)
     if mode == "export":
         from segtrain.export import export_checkpoint  # onnx and onnxruntime only when exporting
 
@@ -150,57 +151,137 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     return float(metrics["best_miou"])
 
 
-def model_from_checkpoint(cfg: DictConfig) -> tuple[Components, Path, SlidingWindow | None]:
-    """The run's objects with the weights of ``resume`` (strict), the checkpoint's path, and the
-    sliding window of ``trainer.val_mode``, as validation used them."""
-    path = checkpoint_path(cfg.resume)
-    components, _ = build(cfg)
-    load_model_state(components.model, load_checkpoint(path)["model"], strict=True)
-    return components, path, sliding_window_from(cfg.trainer.val_mode, cfg.trainer.get("window"), cfg.trainer.get("stride"))
+# What the command line may change when a checkpoint is evaluated, used for prediction or exported:
+# where the data is, how it is batched and loaded, how inference slides, the device, the outputs.
+INFERENCE_KEYS = (
+    "mode", "resume", "device_list", "predict", "export", "eval", "dataset.root", "dataset.batch_size",
+    "dataset.val_batch_size", "dataset.num_workers", "trainer.val_mode", "trainer.window", "trainer.stride",
+)
 
 
-def evaluate_checkpoint(cfg: DictConfig, run_dir: Path) -> float:
-    """``mode=eval resume=<checkpoint>``: per-class IoU, Dice and accuracy on the validation split."""
+def inference_checkpoint(cfg: DictConfig) -> Path:
+    """``resume`` for eval, predict and export: a checkpoint file, or a run dir's ``best.pt``
+    (its ``last.pt`` when the run has no best yet)."""
     if not cfg.get("resume"):
-        raise ConfigError("mode=eval needs a checkpoint: add resume=<path to best.pt or last.pt, or a run dir>")
-    components, path, sliding = model_from_checkpoint(cfg)
+        raise ConfigError(f"mode={cfg.mode} needs a checkpoint: add resume=<path to best.pt or last.pt, or a run dir>")
+    resume = Path(cfg.resume)
+    for candidate in [resume] if resume.is_file() else [resume / "best.pt", resume / "last.pt"]:
+        if candidate.is_file():
+            log.info("mode=%s: checkpoint %s", cfg.mode, candidate)
+            return candidate
+    raise ConfigError(f"resume={resume}: no checkpoint there; give a .pt file or a run dir that holds best.pt or last.pt")
+
+
+# Groups whose values decide what inference computes: an override of these that differs from the
+# checkpoint is refused; a differing training-only key (optimizer, scheduler, epochs, ...) is listed and ignored.
+INFERENCE_GROUPS = ("model", "dataset", "loss")
+
+
+def inference_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> DictConfig:
+    """The config the checkpoint was trained with, and from the command line only the
+    ``INFERENCE_KEYS`` (``overrides``: the command line's ``key=value`` and ``group=option``).
+    Another override that differs from the checkpoint's value is refused (model, dataset, loss)
+    or listed in a warning and ignored (training-only keys), naming both values."""
+    run_cfg = OmegaConf.create(stored)
+    refused, ignored = [], []
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key.startswith("hydra") or any(key == allowed or key.startswith(allowed + ".") for allowed in INFERENCE_KEYS):
+            continue
+        given, trained = OmegaConf.select(cfg, key), OmegaConf.select(run_cfg, key)
+        if isinstance(given, DictConfig) and isinstance(trained, DictConfig):  # a group: compare the option chosen
+            given, trained = given.get("name", given.get("_target_")), trained.get("name", trained.get("_target_"))
+        plain = [OmegaConf.to_container(value) if OmegaConf.is_config(value) else value for value in (given, trained)]
+        if plain[0] != plain[1]:
+            (refused if key.split(".")[0] in INFERENCE_GROUPS else ignored).append(f"{key}={plain[0]} (the checkpoint: {plain[1]})")
+    if refused:
+        raise ConfigError(
+            f"mode={cfg.mode} uses the config the checkpoint was trained with; these overrides would change what it "
+            f"computes: {', '.join(refused)}. Remove them; of model, dataset and loss only "
+            f"{', '.join(key for key in INFERENCE_KEYS if key.startswith('dataset.'))} may change"
+        )
+    if ignored:
+        log.warning("mode=%s: training settings on the command line are ignored (the checkpoint's apply): %s", cfg.mode, ", ".join(ignored))
+    with open_dict(run_cfg):
+        for key in ("mode", "resume", "device_list", "predict", "export", "eval"):
+            OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
+        for override in overrides:
+            key = override.lstrip("+~").split("=", 1)[0]
+            if any(key == allowed or key.startswith(allowed + ".") for allowed in INFERENCE_KEYS[6:]):
+                OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
+    return run_cfg
+
+
+@dataclass
+class FromCheckpoint:
+    """A checkpoint's run rebuilt for inference: its objects with its weights, the file, its contents, the config."""
+
+    components: Components
+    path: Path
+    checkpoint: dict[str, Any]
+    config: DictConfig
+
+
+def model_from_checkpoint(cfg: DictConfig, overrides: list[str] | None = None) -> FromCheckpoint:
+    """The run's objects rebuilt from the checkpoint's own config (``inference_config``; ``overrides``
+    default to the command line's), with the checkpoint's weights (strict)."""
+    path = inference_checkpoint(cfg)
+    checkpoint = load_checkpoint(path)
+    run_cfg = inference_config(cfg, checkpoint["config"], job_overrides() if overrides is None else overrides)
+    components, _ = build(run_cfg)
+    load_model_state(components.model, checkpoint["model"], strict=True)
+    return FromCheckpoint(components, path, checkpoint, run_cfg)
+
+
+def sliding_window_of(run_cfg: DictConfig) -> SlidingWindow | None:
+    return sliding_window_from(run_cfg.trainer.val_mode, run_cfg.trainer.get("window"), run_cfg.trainer.get("stride"))
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> float:
+    """``mode=eval resume=<checkpoint or run dir>``: per-class IoU, Dice and pixel accuracy on the
+    validation split, as the run validated; ``eval.json`` beside the checkpoint (``eval/``)."""
+    loaded = model_from_checkpoint(cfg)
+    components, path, run_cfg = loaded.components, loaded.path, loaded.config
     metrics = evaluate(
         components.model, components.loss_fn, components.val_loader, components.device, components.num_classes,
-        components.ignore_index, sliding_window=sliding,
+        components.ignore_index, sliding_window=sliding_window_of(run_cfg),
     )
     result: dict[str, Any] = {"checkpoint": str(path), **named_metrics(metrics, components.class_names)}
-    table = format_table(result)
-    print(table)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    log.info("evaluation of %s written to %s", path, run_dir / "eval.json")
+    print(format_table(result))
+    output = Path(cfg.get("eval", {}).get("output") or path.parent / "eval")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("evaluation of %s written to %s", path, output / "eval.json")
     return float(result["mIoU"])
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """Per-class IoU and Dice, then the means and pixel accuracy, as a plain-text table."""
+    """Per-class IoU, Dice and pixel accuracy, then the means, overall pixel accuracy and the loss, as a plain-text table."""
     names = list(result["IoU"])
     width = max(12, *(len(name) for name in names))
-    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Dice':>7}", "-" * (width + 18)]
+    rule = "-" * (width + 29)
+    lines = [f"{'class':<{width}}  {'IoU':>7}  {'Dice':>7}  {'acc':>7}", rule]
     for name in names:
-        iou, dice = result["IoU"][name], result["Dice"][name]
-        lines.append(f"{name:<{width}}  {iou:7.4f}  {dice:7.4f}")
-    lines.append("-" * (width + 18))
+        lines.append(f"{name:<{width}}  {result['IoU'][name]:7.4f}  {result['Dice'][name]:7.4f}  {result['class_acc'][name]:7.4f}")
+    lines.append(rule)
     lines.append(f"{'mean':<{width}}  {result['mIoU']:7.4f}  {result['dice']:7.4f}")
     lines.append(f"{'pixel acc':<{width}}  {result['acc']:7.4f}")
     lines.append(f"{'val loss':<{width}}  {result['loss']:7.4f}")
     return "\n".join(lines)
 
 
-def predict_checkpoint(cfg: DictConfig, run_dir: Path) -> float:
-    """``mode=predict resume=<checkpoint> predict.input=<folder>``: masks and overlays; returns the image count."""
-    from segtrain.predict import output_dir_for, predict_folder
+def predict_checkpoint(cfg: DictConfig) -> float:
+    """``mode=predict resume=<checkpoint or run dir> predict.input=<folder>``: masks and overlays
+    (``predict.output``, default: ``predictions/`` beside the checkpoint); returns the image count."""
+    from segtrain.predict import predict_folder
 
-    if not cfg.get("resume") or not cfg.get("predict", {}).get("input"):
-        raise ConfigError("mode=predict needs resume=<checkpoint or run dir> and predict.input=<folder of images>")
-    components, _, sliding = model_from_checkpoint(cfg)
-    palette = resolve_palette(cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
+    if not cfg.get("predict", {}).get("input"):
+        raise ConfigError("mode=predict needs predict.input=<folder of images> (and resume=<checkpoint or run dir>)")
+    loaded = model_from_checkpoint(cfg)
+    components, path, run_cfg = loaded.components, loaded.path, loaded.config
+    palette = resolve_palette(run_cfg.dataset.get("palette"), components.val_loader.dataset, components.num_classes)
+    output = Path(cfg.predict.get("output") or path.parent / "predictions")
     written = predict_folder(
-        components, Path(cfg.predict.input), output_dir_for(cfg, run_dir), int(cfg.dataset.batch_size), sliding, palette
+        components, Path(cfg.predict.input), output, int(run_cfg.dataset.batch_size), sliding_window_of(run_cfg), palette
     )
     return float(len(written) // 2)

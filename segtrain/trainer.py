@@ -491,6 +491,7 @@ def named_metrics(metrics: dict[str, Any], class_names: list[str]) -> dict[str, 
         "dice": metrics["dice"],
         "IoU": dict(zip(class_names, metrics["IoU"])),
         "Dice": dict(zip(class_names, metrics["Dice"])),
+        "class_acc": dict(zip(class_names, metrics["class_acc"])),
     }
 
 

@@ -160,7 +160,7 @@ def test_eval_and_predict_on_the_device(tmp_path):
     metrics = check_run_dir(tmp_path / "run", steps=48 // 8)
     evaluation = run_train_py([f"hydra.run.dir={tmp_path / 'eval'}", *RUN, "mode=eval", f"resume={tmp_path / 'run' / 'best.pt'}"], timeout=600)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
     assert result["mIoU"] == pytest.approx(metrics["best_miou"], abs=1e-4)
     images = tmp_path / "images"
     images.mkdir()
@@ -172,7 +172,7 @@ def test_eval_and_predict_on_the_device(tmp_path):
     )
     assert prediction.returncode == 0, prediction.stderr[-3000:]
     for index in range(2):
-        mask = np.array(Image.open(tmp_path / "predict" / "predictions" / f"{index}.png"))
+        mask = np.array(Image.open(tmp_path / "run" / "predictions" / f"{index}.png"))
         assert mask.shape == (48, 40) and mask.max() < 4
 
 

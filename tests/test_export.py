@@ -70,7 +70,7 @@ def test_exported_onnx_with_export_json_preprocessing_equals_predict(tmp_path):
     predicted = run_train_py([f"hydra.run.dir={env_dirs['predict']}", *common, "mode=predict",
                               f"resume={env_dirs['run'] / 'best.pt'}", f"predict.input={images}"])
     assert predicted.returncode == 0, predicted.stderr[-3000:]
-    predict_mask = np.array(Image.open(env_dirs["predict"] / "predictions" / "s0.png"))
+    predict_mask = np.array(Image.open(env_dirs["run"] / "predictions" / "s0.png"))
 
     pixels = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32) / 255.0  # export.json: uint8 / 255
     inputs = (pixels - np.array(description["input"]["mean"])) / np.array(description["input"]["std"])

@@ -166,9 +166,48 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 
 def test_checkpoint_of_another_class_count_fails_with_keys_and_shapes(tmp_path):
     segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1"]), tmp_path)
-    cfg = compose_config([*TINY, "dataset.num_classes=3", f"resume={tmp_path / 'best.pt'}", "mode=eval"])
+    cfg = compose_config([*TINY, "dataset.num_classes=3", f"resume={tmp_path / 'best.pt'}"])
     with pytest.raises(ValueError, match=r"different shapes: head.bias: checkpoint \(4,\) vs model \(3,\)"):
-        segtrain.run.main(cfg, tmp_path / "eval")
+        segtrain.run.train(cfg, tmp_path / "unused")
+
+
+def test_eval_uses_the_checkpoints_config_and_refuses_other_overrides(tmp_path):
+    """A focal-trained run evaluated without naming its loss: the val loss is focal's, as in training."""
+    from conftest import run_train_py
+
+    common = [*TINY, "trainer.max_epochs=1", "trainer.log_images=0"]
+    segtrain.run.train(compose_config([*common, "loss=focal"]), tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    evaluated = run_train_py([f"hydra.run.dir={tmp_path / 'log'}", *TINY, "mode=eval", f"resume={tmp_path / 'run'}"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert f"mode=eval: checkpoint {tmp_path / 'run' / 'best.pt'}" in evaluated.stdout + evaluated.stderr
+    result = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())  # beside the checkpoint
+    assert result["loss"] == pytest.approx(metrics["final"]["loss"], rel=1e-5)
+    assert result["mIoU"] == pytest.approx(metrics["best_miou"], abs=1e-6)
+    assert set(result["class_acc"]) == {"background", "ellipse", "rectangle", "triangle"}
+    header = next(line for line in evaluated.stdout.splitlines() if line.startswith("class"))
+    assert header.split() == ["class", "IoU", "Dice", "acc"]  # per-class pixel accuracy in the table
+    refused = run_train_py([f"hydra.run.dir={tmp_path / 'log2'}", *TINY, "mode=eval", "loss=ce", "optimizer.lr=0.5",
+                            f"resume={tmp_path / 'run'}"])
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 1 and "Traceback" not in output
+    assert "these overrides would change what it computes: loss=ce (the checkpoint: focal)." in output
+    # TINY's max_epochs=2 against the run's 1: a training setting, listed and ignored.
+    log = (tmp_path / "log" / "train.log").read_text()
+    assert "training settings on the command line are ignored (the checkpoint's apply): trainer.max_epochs=2 (the checkpoint: 1)" in log
+
+
+def test_inference_overrides_apply_and_others_are_compared(tmp_path):
+    stored = segtrain.run.OmegaConf.to_container(compose_config([*TINY, "loss=focal", "dataset.batch_size=4"]), resolve=True)
+    cfg = compose_config([*TINY, "trainer.val_mode=slide", "trainer.window=16", "dataset.batch_size=2", "mode=eval"])
+    run_cfg = segtrain.run.inference_config(cfg, stored, ["trainer.val_mode=slide", "trainer.window=16", "dataset.batch_size=2"])
+    assert run_cfg.loss.name == "focal" and run_cfg.trainer.val_mode == "slide" and run_cfg.trainer.window == 16
+    assert run_cfg.dataset.batch_size == 2 and run_cfg.mode == "eval"
+    # An override equal to the checkpoint's value is no change; a group naming the checkpoint's option neither.
+    same = compose_config([*TINY, "loss=focal", "mode=eval"])
+    assert segtrain.run.inference_config(same, stored, ["loss=focal", "model.width=8"]).loss.name == "focal"
+    with pytest.raises(segtrain.run.ConfigError, match=r"dataset.num_classes=3 \(the checkpoint: 4\)"):
+        segtrain.run.inference_config(compose_config([*TINY, "dataset.num_classes=3"]), stored, ["dataset.num_classes=3"])
 
 
 @LOSSES.register("test_nan_on_steps")
@@ -331,8 +370,8 @@ def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
     components, _ = build(compose_config([*TINY, f"+model.init_from={tmp_path / 'run' / 'best.pt'}"]))
     model = components.model.eval()
     for name, size in (("a", (40, 56)), ("b", (40, 56)), ("c", (30, 50))):
-        mask = np.array(Image.open(tmp_path / "predict" / "predictions" / f"{name}.png"))
-        overlay = Image.open(tmp_path / "predict" / "predictions" / f"{name}_overlay.png")
+        mask = np.array(Image.open(tmp_path / "run" / "predictions" / f"{name}.png"))  # beside the checkpoint
+        overlay = Image.open(tmp_path / "run" / "predictions" / f"{name}_overlay.png")
         assert mask.shape == size and overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
         source = np.array(Image.open(next(images.glob(f"{name}.*"))).convert("RGB"))
         with torch.no_grad():

@@ -85,8 +85,14 @@ def read_image_shape(path: Path) -> tuple[int, ...]:
 
 def write_prediction(path: Path, raw_image: np.ndarray, classes: np.ndarray, output_dir: Path, palette: np.ndarray) -> list[Path]:
     mask_path, overlay_path = output_dir / f"{path.stem}.png", output_dir / f"{path.stem}_overlay.png"
-    dtype = np.uint8 if classes.max(initial=0) < 256 else np.uint16
-    Image.fromarray(classes.astype(dtype)).save(mask_path)
+    if len(palette) <= 256:
+        # A palette ("P") PNG, the VOC convention: the pixel values stay the class indices, and a
+        # viewer shows the dataset's colours.
+        mask = Image.fromarray(classes.astype(np.uint8), mode="P")
+        mask.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+        mask.save(mask_path)
+    else:  # more classes than a palette holds: plain 16-bit indices
+        Image.fromarray(classes.astype(np.uint16)).save(mask_path)
     image_rgb = to_rgb(raw_image.astype(np.float32))
     Image.fromarray(overlay(image_rgb, colourize(classes, palette))).save(overlay_path)
     return [mask_path, overlay_path]

@@ -353,6 +353,7 @@ def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
     from segtrain.build import build
     from segtrain.registry import DATASETS
     from segtrain.task import predict
+    from segtrain.visualize import resolve_palette
 
     segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1"]), tmp_path / "run")
     images = tmp_path / "images"
@@ -370,7 +371,12 @@ def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
     components, _ = build(compose_config([*TINY, f"+model.init_from={tmp_path / 'run' / 'best.pt'}"]))
     model = components.model.eval()
     for name, size in (("a", (40, 56)), ("b", (40, 56)), ("c", (30, 50))):
-        mask = np.array(Image.open(tmp_path / "run" / "predictions" / f"{name}.png"))  # beside the checkpoint
+        written = Image.open(tmp_path / "run" / "predictions" / f"{name}.png")  # beside the checkpoint
+        # A palette PNG: the values are the class indices, a viewer shows the dataset's colours (VOC convention).
+        assert written.mode == "P"
+        palette = np.array(written.getpalette()[: 3 * 4]).reshape(4, 3)
+        assert (palette == resolve_palette(None, components.val_loader.dataset, 4)).all()
+        mask = np.array(written)
         overlay = Image.open(tmp_path / "run" / "predictions" / f"{name}_overlay.png")
         assert mask.shape == size and overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
         source = np.array(Image.open(next(images.glob(f"{name}.*"))).convert("RGB"))

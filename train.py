@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import segtrain.distributed
+import segtrain.overrides
 import segtrain.run
 import segtrain.sweep
 from segtrain.errors import USER_ERRORS
@@ -43,4 +44,8 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv = segtrain.distributed.prepare_torchrun_argv(sys.argv)  # under torchrun: one run dir for all ranks; no -m
+    unknown = segtrain.overrides.unknown_key_message(sys.argv[1:])  # a typo: one line, before Hydra's "+" hint
+    if unknown:
+        print(f"segtrain: {unknown}", file=sys.stderr)
+        sys.exit(1)
     main()

@@ -15,6 +15,7 @@ from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.devices import ConfigError
 from segtrain.host_memory import keep_freed_memory_for_cpu_training
+from segtrain.overrides import unknown_trainer_keys
 from segtrain.run_log import RunLog
 from segtrain.inference import SlidingWindow, sliding_window_from
 from segtrain.trainer import Trainer, TrainerSettings, evaluate, named_metrics
@@ -88,6 +89,9 @@ class SilentRunLog:
 def make_trainer(cfg: DictConfig, components: Components, run_cfg: DictConfig, run_dir: Path, run_log: RunLog) -> Trainer:
     config = OmegaConf.to_container(run_cfg, resolve=True)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    unknown = unknown_trainer_keys(trainer_cfg)
+    if unknown:
+        raise ConfigError(unknown)
     settings = TrainerSettings(**{key: value for key, value in trainer_cfg.items() if key not in distributed.DISTRIBUTED_KEYS})
     if not distributed.is_main():  # rank 0 alone writes checkpoints and shows the progress bar
         settings.save_checkpoints, settings.progress_bar = False, False

@@ -1,0 +1,55 @@
+"""What the command line tells a user: segtrain's --help, and a typo in a key as one line with the
+closest known key, before any work."""
+from __future__ import annotations
+
+import pytest
+
+import segtrain.run
+from conftest import TINY, compose_config, run_train_py
+from segtrain.devices import ConfigError
+from segtrain.overrides import unknown_key_message
+
+
+def test_help_shows_modes_examples_groups_and_outputs():
+    process = run_train_py(["--help"])
+    assert process.returncode == 0, process.stderr
+    text = process.stdout
+    assert text.startswith("segtrain: train semantic-segmentation networks")
+    for mode in ("train", "eval", "predict", "export", "audit"):
+        assert f"\n  {mode} " in text, mode
+    assert text.count("python train.py") >= 6  # usage and five examples
+    assert "loss: bce, ce, ce_dice, dice, focal" in text and "model: deeplabv3_mobilenet_v3_large" in text
+    assert "outputs/<date>/<time>/" in text
+
+
+def test_a_typo_in_a_key_is_one_line_with_the_closest_key(tmp_path):
+    process = run_train_py([f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epoch=3"])
+    assert process.returncode == 1
+    assert len(process.stderr.strip().splitlines()) == 1
+    assert process.stderr.startswith("segtrain: trainer.max_epoch: unknown key; did you mean trainer.max_epochs?")
+    assert "Traceback" not in process.stdout + process.stderr and not (tmp_path / "run").exists(), "before any work"
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["model=unet3d", "model.widht=4"], "model.widht: unknown key; did you mean model.width?"),
+        (["dataset.bach_size=4"], "dataset.bach_size: unknown key; did you mean dataset.batch_size?"),
+        (["loss=focal", "loss.gama=1"], "loss.gama: unknown key; did you mean loss.gamma?"),
+        (["+trainer.max_epoch=3"], "trainer.max_epoch: unknown key; did you mean trainer.max_epochs?"),
+        (["-m", "loss=focal,ce", "loss.gama=1"], "loss.gama: unknown key; did you mean loss.gamma?"),
+    ],
+)
+def test_unknown_keys_under_the_groups(arguments, expected):
+    assert unknown_key_message(arguments).startswith(expected)
+
+
+def test_known_keys_and_additions_pass():
+    assert unknown_key_message(["trainer.max_epochs=3", "model=unet3d", "model.width=4", "loss=focal", "loss.gamma=1"]) is None
+    assert unknown_key_message(["+model.my_param=1", "optimizer.lr=0.1", "seed=3"]) is None  # a class's own parameter; other groups
+    assert unknown_key_message([]) is None
+
+
+def test_an_unknown_trainer_key_in_a_composed_config_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.max_epoch: unknown key; did you mean trainer.max_epochs\?"):
+        segtrain.run.train(compose_config([*TINY, "+trainer.max_epoch=3"]), tmp_path)

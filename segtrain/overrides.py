@@ -60,7 +60,7 @@ def unknown_key_message(arguments: list[str], config_dir: Path = CONFIGS) -> str
             continue
         parent, leaf = key.rsplit(".", 1)
         node = OmegaConf.select(cfg, parent)
-        if isinstance(node, DictConfig) and leaf not in node:
+        if isinstance(node, DictConfig) and leaf not in node.keys():  # not `in node`: False for a ??? (missing) value
             known = [f"{parent}.{name}" for name in node.keys()]
             return f"{key}: unknown key{did_you_mean(key, known)} (keys of {parent}: {', '.join(str(name) for name in node.keys())})"
     return None

@@ -48,6 +48,8 @@ def test_known_keys_and_additions_pass():
     assert unknown_key_message(["trainer.max_epochs=3", "model=unet3d", "model.width=4", "loss=focal", "loss.gamma=1"]) is None
     assert unknown_key_message(["+model.my_param=1", "optimizer.lr=0.1", "seed=3"]) is None  # a class's own parameter; other groups
     assert unknown_key_message([]) is None
+    # dataset=folder's root is ??? (required): a key all the same
+    assert unknown_key_message(["dataset=folder", "dataset.root=data", "dataset.train_images=images"]) is None
 
 
 def test_an_unknown_trainer_key_in_a_composed_config_is_a_config_error(tmp_path):

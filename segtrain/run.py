@@ -95,12 +95,19 @@ def make_trainer(cfg: DictConfig, components: Components, run_cfg: DictConfig, r
     settings = TrainerSettings(**{key: value for key, value in trainer_cfg.items() if key not in distributed.DISTRIBUTED_KEYS})
     if not distributed.is_main():  # rank 0 alone writes checkpoints and shows the progress bar
         settings.save_checkpoints, settings.progress_bar = False, False
-    return Trainer(
+    trainer = Trainer(
         components.model, components.loss_fn, components.optimizer, components.scheduler,
         components.train_loader, components.val_loader, components.device,
         components.num_classes, components.ignore_index, components.class_names,
         settings, run_log, run_dir, config,
     )
+    from segtrain.sweep import in_multirun
+
+    if in_multirun():  # parallel jobs' bars: say whose is whose
+        from hydra.core.hydra_config import HydraConfig
+
+        trainer.progress_label = f"job {HydraConfig.get().job.num} "
+    return trainer
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -143,7 +150,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             processes, cfg.dataset.batch_size, processes * cfg.dataset.batch_size * cfg.trainer.accumulate,
         )
     try:
-        with logging_redirect_tqdm():
+        # Log lines (and warnings, routed through logging) are written above the bar, never glued onto it.
+        logging.captureWarnings(True)
+        with logging_redirect_tqdm(loggers=[logging.getLogger(), logging.getLogger("py.warnings")]):
             metrics = trainer.fit()
         run_log.hparams_results(metrics["steps"], metrics)
     finally:

@@ -152,6 +152,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         self.forward_model = torch.compile(model) if settings.compile else model
         self.warned_single_class = False
+        self.progress_label = ""  # "job 3 " under a multirun launcher (set by segtrain.run.make_trainer)
+        self.last_postfix = ""
         self.samples = fixed_samples(val_loader.dataset, settings.log_images)  # the same ones at every validation
 
     # ----------------------------------------------------------------- the loop
@@ -205,9 +207,10 @@ class Trainer:
         sampler.set_epoch(state.epoch, skip_batches=state.batch)
         images_seen, start = 0, time.perf_counter()
         batches_in_epoch = self.batches_per_epoch
-        bar = tqdm(
-            self.train_loader, desc=f"epoch {state.epoch}", initial=state.batch, total=batches_in_epoch,
-            disable=not settings.progress_bar, leave=False, dynamic_ncols=True,
+        # The last logged values stay on the bar until this epoch logs its own.
+        bar = progress_bar(
+            self.train_loader, f"{self.progress_label}epoch {state.epoch}", settings.progress_bar, batches_in_epoch, state.batch,
+            self.last_postfix,
         )
         micro_batches, finite = 0, None
         for images, masks in bar:
@@ -275,7 +278,9 @@ class Trainer:
         values.update({"train/lr": lr, "train/images_per_second": speed})
         values.update(system_scalars(self.device))  # system/gpu_memory_gb on CUDA
         self.run_log.scalars(self.state.step, values)
-        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.1f}")
+        # The bar's one speed is this, images/s as logged (train/images_per_second); kept into the next epoch's bar.
+        self.last_postfix = f"loss={values['train/loss']:.4f}, lr={lr:.2e}, img/s={speed:.1f}"
+        bar.set_postfix_str(self.last_postfix)
 
     def optimizer_step_is_finite(self, finite: torch.Tensor) -> bool:
         """Whether every loss term of this optimizer step's micro-batches was finite, on every process.
@@ -319,7 +324,7 @@ class Trainer:
         state = self.state
         metrics = evaluate(
             self.forward_model, self.loss_fn, self.val_loader, self.device, self.num_classes, self.ignore_index, self.autocast_context,
-            self.sliding_window,
+            self.sliding_window, progress=f"{self.progress_label}val {epoch}" if self.settings.progress_bar else None,
         )
         self.warn_if_single_class(metrics)
         result = {"epoch": epoch, "step": state.step, **named_metrics(metrics, self.class_names)}
@@ -448,15 +453,17 @@ def evaluate(
     ignore_index: int | None,
     autocast: Any = contextlib.nullcontext,
     sliding_window: SlidingWindow | None = None,
+    progress: str | None = None,
 ) -> dict[str, Any]:
     """Validation loss (mean over samples) and metrics from one confusion matrix over the whole split.
 
-    Whole images go through the model at once, or window by window with ``sliding_window``.
+    Whole images go through the model at once, or window by window with ``sliding_window``;
+    ``progress`` labels a progress bar (None: no bar).
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     loss_sum, samples = torch.zeros((), device=device), 0
-    for images, masks in loader:
+    for images, masks in progress_bar(loader, progress or "", progress is not None, len(loader)):
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast():
@@ -471,6 +478,14 @@ def evaluate(
         "loss": float(loss_sum) / max(samples, 1), **confusion.compute(), "predicted_classes": predicted_classes,
         "confusion_matrix": confusion.matrix.cpu(),
     }
+
+
+def progress_bar(batches: Any, label: str, enabled: bool, total: int, initial: int = 0, postfix: str = "") -> tqdm:
+    """A batch bar without tqdm's own rate: the one speed shown is the postfix's images/s."""
+    return tqdm(
+        batches, desc=label, total=total, initial=initial, disable=not enabled, leave=False, dynamic_ncols=True,
+        postfix=postfix or None, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+    )
 
 
 def reduce_sum(loss_sum: torch.Tensor, samples: int) -> tuple[torch.Tensor, int]:

@@ -55,3 +55,40 @@ def test_known_keys_and_additions_pass():
 def test_an_unknown_trainer_key_in_a_composed_config_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"trainer.max_epoch: unknown key; did you mean trainer.max_epochs\?"):
         segtrain.run.train(compose_config([*TINY, "+trainer.max_epoch=3"]), tmp_path)
+
+
+def bar_output(tmp_path, *arguments: str, multirun: bool = False) -> str:
+    """train.py with the progress bar on, stdout and stderr in one stream as a terminal shows them."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    process = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *(["-m"] if multirun else []), *[arg for arg in TINY if arg != "trainer.progress_bar=false"],
+         "trainer.progress_bar=true", "trainer.log_every=2", "trainer.log_images=0", *arguments],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert process.returncode == 0, process.stdout[-3000:]
+    return process.stdout
+
+
+def test_the_progress_bar_tells_one_truth(tmp_path):
+    output = bar_output(tmp_path, f"hydra.run.dir={tmp_path / 'run'}")
+    segments = [segment for line in output.split("\n") for segment in line.split("\r") if segment.strip()]
+    bars = [segment for segment in segments if "%|" in segment]
+    assert any(bar.startswith("epoch 1:") for bar in bars) and any(bar.startswith("val 1:") for bar in bars)
+    assert not any("it/s" in bar or "s/it" in bar for bar in bars), "one speed: images/s in the postfix"
+    assert any("img/s=" in bar for bar in bars)
+    # The postfix carries into the next epoch: its bar shows the last logged values from the start.
+    assert all("img/s=" in bar for bar in bars if bar.startswith("epoch 2:   0%"))
+    # Log lines start on a line of their own, never after a bar's text.
+    logs = [segment for segment in segments if "][segtrain" in segment]
+    assert logs and all(segment.startswith("[20") for segment in logs), [s for s in logs if not s.startswith("[20")][:3]
+
+
+def test_a_sweeps_bars_name_their_job(tmp_path):
+    output = bar_output(tmp_path, f"hydra.sweep.dir={tmp_path / 'sweep'}", "trainer.max_epochs=1", multirun=True)
+    assert "job 0 epoch 1:" in output and "job 0 val 1:" in output

@@ -3,8 +3,8 @@
 TensorBoard gets, all at the global optimizer step so that curves line up:
 scalars (``train/...``, ``val/...``, ``system/...``), at each validation a picture of
 fixed validation samples and the confusion-matrix heatmap, the resolved config as
-text, and the HParams session (hyperparameters, overrides first, plus ``best_miou``,
-``final/mIoU`` and ``final/loss``) so that ``tensorboard --logdir <sweep dir>``
+text, and the HParams session (the job's overrides and a few key values, plus ``val/best_mIoU``,
+``val/final_mIoU`` and ``val/final_loss``) so that ``tensorboard --logdir <sweep dir>``
 compares the jobs of a sweep in one table.
 """
 from __future__ import annotations
@@ -25,7 +25,10 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from segtrain import visualize
 
 # The HParams metrics: one column each in TensorBoard's HParams table.
-HPARAM_METRICS = ("best_miou", "final/mIoU", "final/loss")
+# Filed under val/, so that TensorBoard's Scalars tab, sorted by name, opens on train/ and val/ curves.
+HPARAM_METRICS = ("val/best_mIoU", "val/final_mIoU", "val/final_loss")
+# Shown in HParams after the job's own overrides: what tells runs apart at a glance.
+KEY_HPARAMS = ("model.name", "dataset.name", "loss.name", "optimizer.lr", "dataset.batch_size", "trainer.max_epochs")
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -70,19 +73,21 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def hyperparameters(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """The run's hyperparameters for TensorBoard's HParams tab: the command-line overrides first, then the rest.
+    """The run's hyperparameters for TensorBoard's HParams tab: the job's command-line overrides,
+    then the key values (:data:`KEY_HPARAMS`) not among them; each as its config text (``16``,
+    ``0.006``, ``null``, ``true``: HParams would print numbers as ``16.000`` and drop None).
 
-    An override of a config group (``loss=focal``) appears under the group's name; an
-    override of a value appears under its key with the value as run.
+    An override of a config group (``loss=focal``) appears under the group's name; an override
+    of a value appears under its key with the value as run.
     """
     flat = flatten(config)
     ordered: dict[str, Any] = {}
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        ordered[key] = flat.get(key, value)
-    ordered.update((key, value) for key, value in flat.items() if key not in ordered)
-    # HParams would drop None and show booleans as 0/1: give both as the YAML text.
-    return {key: json.dumps(value) if value is None or isinstance(value, bool) else value for key, value in ordered.items()}
+        if not key.startswith("hydra"):
+            ordered[key] = flat.get(key, value)
+    ordered.update((key, flat[key]) for key in KEY_HPARAMS if key in flat and key not in ordered)
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in ordered.items()}
 
 
 def system_scalars(device: torch.device) -> dict[str, float]:
@@ -143,15 +148,17 @@ class RunLog:
     @timed
     def hparams(self, config: dict[str, Any], overrides: Sequence[str]) -> None:
         """Start the HParams session in the run's own event file (``add_hparams`` would make a subfolder)."""
-        experiment, session_start, _ = hparams_summaries(hyperparameters(config, overrides), dict.fromkeys(HPARAM_METRICS, 0.0))
-        self.writer.file_writer.add_summary(experiment)
+        # The session's start alone, no experiment summary: TensorBoard then builds the experiment from
+        # all sessions of the logdir, marks the hyperparameters that differ between them, and lists and
+        # ticks those first (a written experiment would be listed alphabetically, constants first).
+        _, session_start, _ = hparams_summaries(hyperparameters(config, overrides), dict.fromkeys(HPARAM_METRICS, 0.0))
         self.writer.file_writer.add_summary(session_start)
 
     @timed
     def hparams_results(self, step: int, metrics: dict[str, Any]) -> None:
         """The HParams metrics of a finished run, and the session's end (status: success)."""
         final = metrics.get("final") or {}
-        values = {"best_miou": metrics.get("best_miou"), "final/mIoU": final.get("mIoU"), "final/loss": final.get("loss")}
+        values = dict(zip(HPARAM_METRICS, (metrics.get("best_miou"), final.get("mIoU"), final.get("loss"))))
         for tag, value in values.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)

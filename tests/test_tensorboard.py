@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,8 +72,10 @@ def test_every_tag_at_the_global_step(tiny_run):
     for tag in ("val/predictions", "val/confusion_matrix"):
         assert [event.step for event in accumulator.Images(tag)] == val_steps, tag
     assert accumulator.Scalars("val/mIoU")[-1].value == pytest.approx(metrics["final"]["mIoU"], rel=1e-6)
-    assert accumulator.Scalars("best_miou")[-1].value == pytest.approx(metrics["best_miou"], rel=1e-6)
+    assert accumulator.Scalars("val/best_mIoU")[-1].value == pytest.approx(metrics["best_miou"], rel=1e-6)
     assert 0 < metrics["log_seconds"] < metrics["wall_seconds"]
+    # Sorted by name, as the Scalars tab shows them: the curves' groups only, no single values ahead of them.
+    assert {tag.split("/")[0] for tag in accumulator.Tags()["scalars"]} <= {"system", "train", "val"}
 
 
 def test_prediction_panel_shows_the_fixed_samples_in_the_palette(tiny_run):
@@ -157,27 +160,27 @@ def sweep(tmp_path_factory) -> Path:
 
 def test_hparams_of_a_sweep_compare_the_jobs(sweep):
     overrides = [*TINY, "trainer.max_epochs=1", "trainer.log_images=1", "optimizer.lr=0.01"]
-    expected_first = list(dict.fromkeys(override.partition("=")[0] for override in overrides))  # in command-line order
+    expected_first = list(dict.fromkeys(override.partition("=")[0] for override in overrides))
     for job, lr in (("0", 0.01), ("1", 0.001)):
         run_dir = sweep / job
         # The session lives in the run's own event file: TensorBoard shows one run per job, no subfolders.
         assert [path.parent for path in run_dir.rglob("events.out.tfevents.*")] == [run_dir]
         content = hparams_content(run_dir)
-        experiment = content["_hparams_/experiment"].experiment
-        names = [info.name for info in experiment.hparam_infos]
-        assert names[: len(expected_first)] == expected_first, "the job's overrides come first"
-        assert {"model.width", "loss.name", "seed"} <= set(names)
-        assert [info.name.tag for info in experiment.metric_infos] == list(HPARAM_METRICS)
+        # No experiment summary: TensorBoard builds it from all jobs' sessions and lists the differing hparams first.
+        assert "_hparams_/experiment" not in content
         start = content["_hparams_/session_start_info"].session_start_info
-        assert start.hparams["optimizer.lr"].number_value == pytest.approx(lr)
+        # The job's overrides and the key values that tell runs apart (the others of them are overrides here),
+        # nothing else: not the 60 keys of the whole config.
+        assert set(start.hparams) == {*expected_first, "model.name", "dataset.name", "loss.name"}
+        assert start.hparams["optimizer.lr"].string_value == str(lr)  # as given, not 0.0100
+        assert start.hparams["dataset.batch_size"].string_value == "8"  # not 8.000
         assert start.hparams["loss.name"].string_value == "ce"
-        assert start.hparams["dataset.ignore_index"].string_value == "null"
-        assert start.hparams["trainer.save_checkpoints"].string_value == "true"
+        assert start.hparams["trainer.progress_bar"].string_value == "false"
         assert content["_hparams_/session_end_info"].session_end_info.status == api_pb2.STATUS_SUCCESS
         metrics = json.loads((run_dir / "metrics.json").read_text())
         accumulator = accumulate(run_dir)
-        assert accumulator.Scalars("best_miou")[-1].value == pytest.approx(metrics["best_miou"], rel=1e-6)
-        assert accumulator.Scalars("final/loss")[-1].value == pytest.approx(metrics["final"]["loss"], rel=1e-6)
+        assert accumulator.Scalars("val/best_mIoU")[-1].value == pytest.approx(metrics["best_miou"], rel=1e-6)
+        assert accumulator.Scalars("val/final_loss")[-1].value == pytest.approx(metrics["final"]["loss"], rel=1e-6)
 
 
 def free_port() -> int:
@@ -224,16 +227,20 @@ def test_tensorboard_server_serves_the_sweep(sweep):
         (logged,) = accumulate(sweep / "0").Images("val/predictions")
         assert entry["step"] == 6 and picture.size == (logged.width, logged.height)
 
-        # The HParams table: one session per job, with the metrics as columns.
+        # The HParams tab: the hyperparameter that differs between the jobs is listed (and ticked) first.
+        experiment = get_json(f"{base}/hparams/experiment", json.dumps({"experimentName": ""}).encode())
+        assert experiment["hparamInfos"][0]["name"] == "optimizer.lr" and experiment["hparamInfos"][0]["differs"]
+        assert set(HPARAM_METRICS) <= {info["name"]["tag"] for info in experiment["metricInfos"]}
+        # The table: one session per job, with the metrics as columns.
         request = json.dumps({"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS"], "colParams": [],
                               "startIndex": 0, "sliceSize": 10}).encode()
         groups = get_json(f"{base}/hparams/session_groups", request)
         table = {group["hparams"]["optimizer.lr"]: group["metricValues"] for group in groups["sessionGroups"]}
-        assert sorted(table) == [0.001, 0.01]
+        assert sorted(table) == ["0.001", "0.01"]
         for (lr, values), job in zip(sorted(table.items(), reverse=True), ("0", "1")):
             best = json.loads((sweep / job / "metrics.json").read_text())["best_miou"]
-            assert [value["name"]["tag"] for value in values] == list(HPARAM_METRICS)
-            assert values[0]["value"] == pytest.approx(best, rel=1e-6), lr
+            by_tag = {value["name"]["tag"]: value["value"] for value in values}
+            assert by_tag["val/best_mIoU"] == pytest.approx(best, rel=1e-6), lr
     finally:
         server.terminate()
         try:
@@ -267,3 +274,16 @@ def test_sigterm_leaves_the_scalars_in_the_event_file(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, process.stderr.read()[-3000:]
     # Stopped at a step boundary and closed the writer: every step up to last.pt's is in the event file.
     assert load_checkpoint(tmp_path / "last.pt")["state"]["step"] == logged[-1]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser here (apt-get install chromium)")
+def test_a_browser_screenshot_of_the_real_tensorboard(sweep, tmp_path):
+    """docs/tensorboard_screenshot.py: TensorBoard served on the sweep, photographed by headless Chromium."""
+    sys.path.insert(0, str(REPO / "docs"))
+    import tensorboard_screenshot
+
+    written = tensorboard_screenshot.main([str(sweep), "--out", str(tmp_path)])
+    assert [path.name for path in written] == ["tensorboard_scalars_tab.png", "tensorboard_hparams_tab.png"]
+    for path in written:
+        picture = np.asarray(Image.open(path).convert("L"), dtype=float)
+        assert picture.shape == (1000, 1400) and picture.std() > 20, f"{path.name} looks blank"

@@ -161,6 +161,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         "done: best val mIoU %.4f (epoch %s), %.1f s, %.1f images/s",
         metrics["best_miou"], metrics["best_epoch"], metrics["wall_seconds"], metrics["images_per_second"] or 0,
     )
+    if distributed.is_main():  # the last line: where to look
+        best = run_dir / "best.pt"
+        log.info("run dir: %s; best checkpoint: %s; curves: tensorboard --logdir %s", run_dir, best if best.exists() else "none", run_dir)
     return float(metrics["best_miou"])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -153,6 +154,7 @@ class Trainer:
         self.forward_model = torch.compile(model) if settings.compile else model
         self.warned_single_class = False
         self.progress_label = ""  # "job 3 " under a multirun launcher (set by segtrain.run.make_trainer)
+        self.first_speed, self.warned_contention = 0.0, False
         self.last_postfix = ""
         self.samples = fixed_samples(val_loader.dataset, settings.log_images)  # the same ones at every validation
 
@@ -278,9 +280,26 @@ class Trainer:
         values.update({"train/lr": lr, "train/images_per_second": speed})
         values.update(system_scalars(self.device))  # system/gpu_memory_gb on CUDA
         self.run_log.scalars(self.state.step, values)
+        self.warn_if_cpu_contended(speed)
         # The bar's one speed is this, images/s as logged (train/images_per_second); kept into the next epoch's bar.
         self.last_postfix = f"loss={values['train/loss']:.4f}, lr={lr:.2e}, img/s={speed:.1f}"
         bar.set_postfix_str(self.last_postfix)
+
+    def warn_if_cpu_contended(self, speed: float) -> None:
+        """Once per run on the CPU: training fell below half its first logged speed while the load
+        average exceeds the cores, the mark of more threads than cores (other processes, or torch's
+        default of one thread per core under a parallel launcher)."""
+        if self.device.type != "cpu" or self.warned_contention:
+            return
+        self.first_speed = self.first_speed or speed
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if speed < 0.5 * self.first_speed and load > cores:
+            self.warned_contention = True
+            log.warning(
+                "training slowed to %.1f images/s from %.1f with load average %.1f on %d cores: more threads than cores "
+                "compete; set OMP_NUM_THREADS (or torch.set_num_threads) to at most the free cores, e.g. "
+                "OMP_NUM_THREADS=1 for parallel jobs", speed, self.first_speed, load, cores,
+            )
 
     def optimizer_step_is_finite(self, finite: torch.Tensor) -> bool:
         """Whether every loss term of this optimizer step's micro-batches was finite, on every process.

@@ -92,3 +92,30 @@ def test_the_progress_bar_tells_one_truth(tmp_path):
 def test_a_sweeps_bars_name_their_job(tmp_path):
     output = bar_output(tmp_path, f"hydra.sweep.dir={tmp_path / 'sweep'}", "trainer.max_epochs=1", multirun=True)
     assert "job 0 epoch 1:" in output and "job 0 val 1:" in output
+
+
+def test_the_last_line_says_where_to_look(tmp_path):
+    process = run_train_py([f"hydra.run.dir={tmp_path}", *TINY, "trainer.max_epochs=1", "trainer.log_images=0"])
+    assert process.returncode == 0, process.stderr[-3000:]
+    last = (process.stdout + process.stderr).strip().splitlines()[-1]
+    assert last.endswith(f"run dir: {tmp_path}; best checkpoint: {tmp_path / 'best.pt'}; curves: tensorboard --logdir {tmp_path}")
+
+
+def test_a_cpu_slowed_by_too_many_threads_says_so_once(monkeypatch, caplog):
+    import types
+
+    import segtrain.trainer
+    import torch
+
+    trainer = types.SimpleNamespace(device=torch.device("cpu"), first_speed=0.0, warned_contention=False)
+    monkeypatch.setattr(segtrain.trainer.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(segtrain.trainer.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    with caplog.at_level("WARNING", logger="segtrain.trainer"):
+        segtrain.trainer.Trainer.warn_if_cpu_contended(trainer, 100.0)  # the first logged speed
+        segtrain.trainer.Trainer.warn_if_cpu_contended(trainer, 30.0)  # slow, but the cores are not oversubscribed
+        assert caplog.text == ""
+        monkeypatch.setattr(segtrain.trainer.os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+        segtrain.trainer.Trainer.warn_if_cpu_contended(trainer, 30.0)
+        segtrain.trainer.Trainer.warn_if_cpu_contended(trainer, 20.0)
+    assert caplog.text.count("training slowed to 30.0 images/s from 100.0 with load average 5.0 on 2 cores") == 1
+    assert "OMP_NUM_THREADS" in caplog.text

@@ -19,7 +19,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -28,6 +27,7 @@ from torch import nn
 import segtrain.run
 from segtrain.build import Components
 from segtrain.devices import ConfigError
+from segtrain.task import output_channels, predict
 from segtrain.visualize import resolve_palette
 
 log = logging.getLogger(__name__)
@@ -184,17 +184,13 @@ def check(model: nn.Module, output: Path, batches: list[torch.Tensor]) -> list[d
                 "runtime": runtime, "input": list(images.shape),
                 "max_abs_diff": float((logits - reference).abs().max()),
                 "max_abs_logit": float(reference.abs().max()),
-                "argmax_agreement": float((predicted(logits) == predicted(reference)).float().mean()),
+                "argmax_agreement": float((predict(logits) == predict(reference)).float().mean()),
             })
     return rows
 
 
 def passes(row: dict[str, Any]) -> bool:
     return row["max_abs_diff"] <= MAX_DIFF_GOAL * max(1.0, row["max_abs_logit"]) and row["argmax_agreement"] >= AGREEMENT_GOAL
-
-
-def predicted(logits: torch.Tensor) -> torch.Tensor:
-    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
@@ -213,19 +209,19 @@ def describe(
 ) -> dict[str, Any]:
     """export.json: everything a deployment needs to feed the model and read its output."""
     dataset_cfg = OmegaConf.to_container(run_cfg.dataset, resolve=True)
-    channels = next(p for p in components.model.parameters() if p.dim() > 1).shape[1]
+    trainer = OmegaConf.to_container(run_cfg.trainer, resolve=True)
     dims = len(train_size)
-    trainer = run_cfg.trainer
     state = checkpoint.get("state", {})
     best = next((entry for entry in state.get("history", []) if entry.get("epoch") == state.get("best_epoch")), None)
-    sigmoid = bool(getattr(components.loss_fn, "sigmoid", False)) and components.num_classes == 2
+    out_channels = output_channels(components.num_classes, getattr(components.loss_fn, "sigmoid", False))
+    sigmoid = out_channels == 1
     return {
         "files": {"onnx": "model.onnx", "torch_export": "model.pt2"},
         "class_names": list(components.class_names),
         "num_classes": components.num_classes,
         "input": {
             "layout": "N, C, H, W" if dims == 2 else "N, C, D, H, W",
-            "channels": int(channels),
+            "channels": int(dataset_cfg["in_channels"]),
             "dtype": "float32",
             "scaling": "uint8 values / 255 (uint16 / 65535), to [0, 1]",
             "mean": dataset_cfg.get("mean"),
@@ -238,13 +234,13 @@ def describe(
         },
         "output": {
             "kind": "one logit channel; sigmoid(logit) is the probability of class 1" if sigmoid else "logits, one channel per class",
-            "channels": 1 if sigmoid else components.num_classes,
+            "channels": out_channels,
             "prediction": "logit > 0 (sigmoid > 0.5) is class 1" if sigmoid else "argmax over the channels",
         },
         "palette": resolve_palette(dataset_cfg.get("palette"), components.val_loader.dataset, components.num_classes).tolist(),
         "inference": {
             "val_mode": trainer.get("val_mode", "whole"),
-            "window": OmegaConf.to_container(trainer.window) if OmegaConf.is_config(trainer.get("window")) else trainer.get("window"),
+            "window": trainer.get("window"),
             "stride": trainer.get("stride"),
             "note": "slide: run the model on windows of `window` pixels every `stride` (default window/2) and average overlapping logits",
         },

@@ -48,6 +48,9 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+_applied = False  # once per process
+
+
 def keep_freed_memory_for_cpu_training(device_type: str, enabled: bool) -> bool:
     """``trainer.keep_freed_memory``: applied for a run that trains on the CPU, logged once per process."""
     global _applied
@@ -61,5 +64,3 @@ def keep_freed_memory_for_cpu_training(device_type: str, enabled: bool) -> bool:
         )
     return _applied
 
-
-_applied = False

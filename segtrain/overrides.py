@@ -14,6 +14,12 @@ GROUPS = ("model", "dataset", "loss", "trainer")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def split_override(text: str) -> tuple[str, str]:
+    """A Hydra override's key (without its ``+``/``++``/``~`` prefix) and value: ``+a.b=1`` -> ``("a.b", "1")``."""
+    key, _, value = text.lstrip("+~").partition("=")
+    return key, value
+
+
 def did_you_mean(name: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=1)
     return f"; did you mean {close[0]}?" if close else ""

@@ -15,7 +15,7 @@ from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.devices import ConfigError
 from segtrain.host_memory import keep_freed_memory_for_cpu_training
-from segtrain.overrides import unknown_trainer_keys
+from segtrain.overrides import split_override, unknown_trainer_keys
 from segtrain.run_log import RunLog
 from segtrain.inference import SlidingWindow, sliding_window_from
 from segtrain.trainer import Trainer, TrainerSettings, evaluate, named_metrics
@@ -167,12 +167,17 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     return float(metrics["best_miou"])
 
 
-# What the command line may change when a checkpoint is evaluated, used for prediction or exported:
-# where the data is, how it is batched and loaded, how inference slides, the device, the outputs.
+# When a checkpoint is evaluated, used for prediction or exported, the mode's own keys come from the
+# command line, and of the run's config only where the data is, how it is batched and loaded, how
+# inference slides and on which device.
+MODE_KEYS = ("mode", "resume", "device_list", "predict", "export", "eval")
 INFERENCE_KEYS = (
-    "mode", "resume", "device_list", "predict", "export", "eval", "dataset.root", "dataset.batch_size",
-    "dataset.val_batch_size", "dataset.num_workers", "trainer.val_mode", "trainer.window", "trainer.stride",
+    "dataset.root", "dataset.batch_size", "dataset.val_batch_size", "dataset.num_workers",
+    "trainer.val_mode", "trainer.window", "trainer.stride",
 )
+# Groups whose values decide what inference computes: an override of these that differs from the
+# checkpoint is refused; a differing training-only key (optimizer, scheduler, epochs, ...) is listed and ignored.
+INFERENCE_GROUPS = ("model", "dataset", "loss")
 
 
 def inference_checkpoint(cfg: DictConfig) -> Path:
@@ -188,28 +193,27 @@ def inference_checkpoint(cfg: DictConfig) -> Path:
     raise ConfigError(f"resume={resume}: no checkpoint there; give a .pt file or a run dir that holds best.pt or last.pt")
 
 
-# Groups whose values decide what inference computes: an override of these that differs from the
-# checkpoint is refused; a differing training-only key (optimizer, scheduler, epochs, ...) is listed and ignored.
-INFERENCE_GROUPS = ("model", "dataset", "loss")
+def under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
 
 def inference_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str]) -> DictConfig:
-    """The config the checkpoint was trained with, and from the command line only the
-    ``INFERENCE_KEYS`` (``overrides``: the command line's ``key=value`` and ``group=option``).
-    Another override that differs from the checkpoint's value is refused (model, dataset, loss)
-    or listed in a warning and ignored (training-only keys), naming both values."""
+    """The config the checkpoint was trained with; from the command line ``cfg`` its ``MODE_KEYS``
+    and, among ``overrides`` (the command line's ``key=value`` and ``group=option``), the
+    ``INFERENCE_KEYS``. Another override that differs from the checkpoint's value is refused
+    (model, dataset, loss) or listed in a warning and ignored (training-only keys), naming both values."""
     run_cfg = OmegaConf.create(stored)
+    keys = [split_override(override)[0] for override in overrides]
     refused, ignored = [], []
-    for override in overrides:
-        key = override.lstrip("+~").split("=", 1)[0]
-        if key.startswith("hydra") or any(key == allowed or key.startswith(allowed + ".") for allowed in INFERENCE_KEYS):
+    for key in keys:
+        if key.startswith("hydra") or under(key, MODE_KEYS + INFERENCE_KEYS):
             continue
         given, trained = OmegaConf.select(cfg, key), OmegaConf.select(run_cfg, key)
         if isinstance(given, DictConfig) and isinstance(trained, DictConfig):  # a group: compare the option chosen
             given, trained = given.get("name", given.get("_target_")), trained.get("name", trained.get("_target_"))
-        plain = [OmegaConf.to_container(value) if OmegaConf.is_config(value) else value for value in (given, trained)]
-        if plain[0] != plain[1]:
-            (refused if key.split(".")[0] in INFERENCE_GROUPS else ignored).append(f"{key}={plain[0]} (the checkpoint: {plain[1]})")
+        given, trained = (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value for value in (given, trained))
+        if given != trained:
+            (refused if key.split(".")[0] in INFERENCE_GROUPS else ignored).append(f"{key}={given} (the checkpoint: {trained})")
     if refused:
         raise ConfigError(
             f"mode={cfg.mode} uses the config the checkpoint was trained with; these overrides would change what it "
@@ -219,12 +223,8 @@ def inference_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[st
     if ignored:
         log.warning("mode=%s: training settings on the command line are ignored (the checkpoint's apply): %s", cfg.mode, ", ".join(ignored))
     with open_dict(run_cfg):
-        for key in ("mode", "resume", "device_list", "predict", "export", "eval"):
+        for key in [*MODE_KEYS, *(key for key in keys if under(key, INFERENCE_KEYS))]:
             OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
-        for override in overrides:
-            key = override.lstrip("+~").split("=", 1)[0]
-            if any(key == allowed or key.startswith(allowed + ".") for allowed in INFERENCE_KEYS[6:]):
-                OmegaConf.update(run_cfg, key, OmegaConf.select(cfg, key), merge=False)
     return run_cfg
 
 

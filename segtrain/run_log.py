@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from segtrain import visualize
+from segtrain.overrides import split_override
 
 # The HParams metrics: one column each in TensorBoard's HParams table.
 # Filed under val/, so that TensorBoard's Scalars tab, sorted by name, opens on train/ and val/ curves.
@@ -83,7 +84,7 @@ def hyperparameters(config: dict[str, Any], overrides: Sequence[str]) -> dict[st
     flat = flatten(config)
     ordered: dict[str, Any] = {}
     for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
+        key, value = split_override(override)
         if not key.startswith("hydra"):
             ordered[key] = flat.get(key, value)
     ordered.update((key, flat[key]) for key in KEY_HPARAMS if key in flat and key not in ordered)

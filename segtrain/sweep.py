@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segtrain.devices import ConfigError
+from segtrain.overrides import split_override
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def collect_jobs(sweep_dir: Path) -> list[JobRow]:
             best_miou=float(best) if best is not None and math.isfinite(best) else None,
             best_epoch=metrics.get("best_epoch"),
             status=status,
-            overrides=dict(override.lstrip("+~").partition("=")[::2] for override in overrides),
+            overrides=dict(split_override(override) for override in overrides),
             error=job.get("error", ""),
         ))
     return rows

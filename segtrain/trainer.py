@@ -187,11 +187,11 @@ class Trainer:
         """An out-of-memory error becomes a TrainingError naming the batch size, precision and what to try."""
         try:
             yield
-        except (torch.OutOfMemoryError, RuntimeError) as error:
-            cpu_out_of_memory = "can't allocate memory" in str(error) or "not enough memory" in str(error)
-            if not isinstance(error, torch.OutOfMemoryError) and not cpu_out_of_memory:
+        except RuntimeError as error:  # torch.OutOfMemoryError (CUDA) is one; the CPU allocator raises a plain one
+            cuda = isinstance(error, torch.OutOfMemoryError)
+            if not cuda and "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
                 raise
-            where = "CUDA" if isinstance(error, torch.OutOfMemoryError) and self.device.type == "cuda" else "host (CPU)"
+            where = "CUDA" if cuda and self.device.type == "cuda" else "host (CPU)"
             smaller = max(1, (batch_size or 2) // 2)
             precision = self.settings.precision
             cheaper = " or trainer.precision=bf16" if precision == "32" else ""

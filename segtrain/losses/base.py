@@ -167,10 +167,8 @@ def reduce_pixels(pixel_loss: Tensor, reduction: str, denominator: Tensor | int 
 def divide_by_count(total: Tensor, denominator: Tensor | int) -> Tensor:
     """``total / denominator`` with a denominator of 0 taken as 1, decided on the device (no host read)."""
     if isinstance(denominator, Tensor):
-        # 0/0 never enters the graph: with nothing counted the total is 0 anyway. A pixel count
-        # (integers) clamps at 1; a sum of class weights (floats) may lie in (0, 1) and keeps its value.
-        if not denominator.is_floating_point():
-            return total / denominator.clamp_min(1)
+        # where() keeps 0/0 out of the graph: with nothing counted the total is 0 anyway. (Not a clamp
+        # at 1: a sum of class weights may lie in (0, 1).)
         return total / torch.where(denominator > 0, denominator, 1).to(total.dtype)
     return total / max(denominator, 1)
 

@@ -29,7 +29,7 @@ from PIL import Image
 
 from segtrain.cache import cache_root
 from segtrain.datasets.folder import VOLUME_EXTENSIONS, MaskEncoder, SegmentationFiles, read_mask
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,8 @@ from segtrain import losses
 from segtrain.audit import AuditReport, audit, can_audit, log_report
 from segtrain.checkpoint import load_checkpoint, load_model_state
 from segtrain.data import EpochSampler, MaskCheck
-from segtrain.devices import ConfigError, resolve_device
+from segtrain.devices import resolve_device
+from segtrain.errors import ConfigError
 from segtrain.distributed import ShardSampler, world, wrap_model
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels

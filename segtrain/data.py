@@ -7,7 +7,8 @@ from typing import Any
 
 from torch.utils.data import DistributedSampler, default_collate
 
-from segtrain.losses.target import MaskValueError, bad_target_values, target_value_message
+from segtrain.losses.target import bad_target_values, target_value_message
+from segtrain.errors import MaskValueError
 
 
 class EpochSampler(DistributedSampler):

@@ -5,13 +5,10 @@ import logging
 import os
 from collections.abc import Sequence
 
+from segtrain.errors import ConfigError
 import torch
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the fix."""
 
 
 def resolve_device(device_list: Sequence[int] | None) -> torch.device:

@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Sampler
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from torch import nn
 
 import segtrain.run
 from segtrain.build import Components
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError, ExportError
 from segtrain.task import output_channels, predict
 from segtrain.visualize import resolve_palette
 
@@ -34,10 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_DIFF_GOAL, AGREEMENT_GOAL = 1e-4, 0.999
 EXTRA = ("onnx", "onnxscript", "onnxruntime")
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported, or the exported files do not compute what the model does."""
 
 
 def export_checkpoint(cfg: DictConfig) -> float:

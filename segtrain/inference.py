@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 
 VAL_MODES = ("whole", "slide")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from segtrain.build import Components
 from segtrain.datasets.folder import IMAGE_EXTENSIONS, read_image
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.inference import SlidingWindow, segment_logits
 from segtrain.task import predict
 from segtrain.visualize import colourize, overlay, to_rgb

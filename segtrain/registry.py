@@ -9,12 +9,7 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Iterator
 
-
-class UnknownNameError(KeyError):
-    """Raised for a config that names something no registry knows."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; show it plainly
-        return str(self.args[0]) if self.args else ""
+from segtrain.errors import UnknownNameError
 
 
 class Registry:

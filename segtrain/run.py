@@ -13,7 +13,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from segtrain import distributed
 from segtrain.build import Components, build, build_audit
 from segtrain.checkpoint import load_checkpoint, load_model_state
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.host_memory import keep_freed_memory_for_cpu_training
 from segtrain.overrides import split_override, unknown_trainer_keys
 from segtrain.run_log import RunLog

@@ -27,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.overrides import split_override
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from segtrain.errors import TrainingError
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -85,10 +86,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, checkpoint: Path | None) -> None:
         self.signum, self.checkpoint = signum, checkpoint
         super().__init__(f"stopped by {signal.Signals(signum).name}")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (repeated non-finite losses, out of memory); the message says what to change."""
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import Tensor
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2

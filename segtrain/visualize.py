@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 # Background black, then bright, easily told apart colours (matplotlib's tab10 and tab20's
 # light half); classes beyond these get the PASCAL VOC bit-pattern colours.

@@ -8,7 +8,7 @@ from PIL import Image
 from conftest import run_train_py
 from segtrain.audit import AuditError
 from segtrain.build import build, build_audit
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from test_folder_dataset import folder_config, write_pairs
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import segtrain.run
 from conftest import TINY, compose_config, run_train_py
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.overrides import unknown_key_message
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from segtrain.devices import ConfigError, resolve_device
+from segtrain.devices import resolve_device
+from segtrain.errors import ConfigError
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 

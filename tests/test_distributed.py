@@ -157,7 +157,7 @@ def test_multirun_under_torchrun_is_refused(monkeypatch):
 
 
 def test_cpu_processes_need_the_cpu():
-    from segtrain.devices import ConfigError
+    from segtrain.errors import ConfigError
     from segtrain.distributed import process_count
 
     assert process_count(compose_config([*TINY, "trainer.cpu_processes=3"])) == 3

@@ -13,8 +13,8 @@ from torch import nn
 import segtrain.export
 import segtrain.run
 from conftest import TINY, TINY_3D, compose_config, run_train_py
-from segtrain.devices import ConfigError
-from segtrain.export import ExportError
+from segtrain.errors import ConfigError
+from segtrain.errors import ExportError
 from segtrain.registry import MODELS
 from test_folder_dataset import write_pairs
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import REPO, compose_config
 from segtrain.build import build, build_datasets
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.inference import SlidingWindow, sliding_window_logits
 from segtrain.transforms import build_transform
 

@@ -18,7 +18,8 @@ from torchvision.ops import sigmoid_focal_loss
 from segtrain.losses import build_loss, loss_terms, resolve_auto
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.regression import hard_negative_mask
-from segtrain.registry import LOSSES, UnknownNameError
+from segtrain.registry import LOSSES
+from segtrain.errors import UnknownNameError
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_CONFIGS = REPO / "configs" / "loss"

@@ -11,7 +11,7 @@ import segtrain.run
 from conftest import TINY, TINY_3D, compose_config, run_train_py
 from segtrain.build import build
 from segtrain.data import MaskCheck
-from segtrain.losses.target import MaskValueError
+from segtrain.errors import MaskValueError
 from segtrain.registry import DATASETS
 
 USER_DATASET = '''

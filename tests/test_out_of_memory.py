@@ -11,7 +11,7 @@ from torch import nn
 import segtrain.run
 from conftest import TINY, compose_config
 from segtrain.registry import MODELS
-from segtrain.trainer import TrainingError
+from segtrain.errors import TrainingError
 
 
 class Hungry(nn.Module):

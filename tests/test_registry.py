@@ -2,7 +2,8 @@ import pytest
 from torch import nn
 
 import segtrain
-from segtrain.registry import LOSSES, MODELS, Registry, UnknownNameError
+from segtrain.registry import LOSSES, MODELS, Registry
+from segtrain.errors import UnknownNameError
 
 
 def test_duplicate_name_raises():

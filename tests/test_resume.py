@@ -15,7 +15,8 @@ from conftest import REPO, TINY, compose_config
 from segtrain import trainer as trainer_module
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.registry import LOSSES
-from segtrain.trainer import Interrupted, TrainingError
+from segtrain.trainer import Interrupted
+from segtrain.errors import TrainingError
 
 DETERMINISTIC = [*TINY, "model.width=4", "trainer.deterministic=true", "dataset.train_samples=32"]
 

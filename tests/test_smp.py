@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config, run_train_py
 from segtrain.build import build_model
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 
 smp = pytest.importorskip("segmentation_models_pytorch", reason="the smp extra is not installed: pip install -e '.[smp]'")
 SMALL = [arg for arg in TINY if not arg.startswith("model.")] + ["model=smp"]

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import TINY, run_train_py
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.sweep import claim_device, finished_result
 
 # One epoch of two steps, no pictures: each job takes a few seconds.

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import compose_config
 from segtrain.build import build, build_datasets, build_model
 from segtrain.data import MaskCheck
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.trainer import model_loss
 
 TORCHVISION_MODELS = ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]

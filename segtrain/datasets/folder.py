@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from segtrain.data import SampleCache
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS
 from segtrain.transforms import PairTransform, build_transform
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 
 from segtrain.datasets.folder import MaskEncoder, SegmentationFiles
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS
 from segtrain.transforms import build_transform
 

@@ -8,7 +8,8 @@ framework gives the model ``1 if loss.sigmoid and num_classes == 2 else num_clas
 output channels.
 """
 from segtrain.losses import classification, combined, dice, focal, regression  # noqa: F401  (registration)
-from segtrain.losses.base import LossParamError, SegLoss
+from segtrain.losses.base import SegLoss
+from segtrain.errors import LossParamError
 from segtrain.losses.build import AUTO_PARAMS, build_loss, loss_terms, resolve_auto
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.target import PreparedTarget, prepare_target

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable, ClassVar, TypeVar
 
+from segtrain.errors import LossParamError
 import torch
 from torch import Tensor, nn
 
@@ -14,19 +15,6 @@ REDUCTIONS = ("mean", "sum", "none")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 LossClass = TypeVar("LossClass", bound=type)
-
-
-class LossParamError(ValueError):
-    """A loss parameter with a bad value; ``key`` is its config path (``loss.weight``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.message = message
-
-    def under(self, prefix: str) -> "LossParamError":
-        """The same error with the key moved under ``prefix`` (for the terms of a sum)."""
-        return LossParamError(prefix + self.key.removeprefix("loss"), self.message)
 
 
 def register_loss(name: str) -> Callable[[LossClass], LossClass]:

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn._reduction import legacy_get_string
 
-from segtrain.losses.base import LossParamError, SegLoss
+from segtrain.losses.base import SegLoss
+from segtrain.errors import LossParamError
 from segtrain.registry import LOSSES
 
 

@@ -6,8 +6,8 @@ from typing import Any, Callable
 import torch.nn.functional as F
 from torch import Tensor
 
+from segtrain.errors import LossParamError
 from segtrain.losses.base import (
-    LossParamError,
     SegLoss,
     check_length,
     class_vector,

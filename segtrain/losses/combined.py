@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from segtrain.losses.base import LossParamError, SegLoss, register_loss
+from segtrain.losses.base import SegLoss, register_loss
+from segtrain.errors import LossParamError
 from segtrain.losses.build import build_loss_at, plain
 from segtrain.losses.target import PreparedTarget
 from segtrain.registry import LOSSES

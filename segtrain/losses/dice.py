@@ -6,7 +6,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segtrain.losses.base import LossParamError, SegLoss, register_loss
+from segtrain.losses.base import SegLoss, register_loss
+from segtrain.errors import LossParamError
 from segtrain.losses.target import PreparedTarget
 
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segtrain.errors import LossParamError
 from segtrain.losses.base import (
-    LossParamError,
     SegLoss,
     check_length,
     class_vector,

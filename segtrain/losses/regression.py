@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segtrain.losses.base import LossParamError, SegLoss, check_activation, reduce_channels, register_loss
+from segtrain.losses.base import SegLoss, check_activation, reduce_channels, register_loss
+from segtrain.errors import LossParamError
 from segtrain.losses.target import PreparedTarget
 
 

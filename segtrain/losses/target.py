@@ -12,22 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from segtrain.errors import MaskValueError
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-class MaskValueError(ValueError):
-    """A mask holds values that are no class of the model and not the ignore index."""
-
-    def __init__(self, message: str) -> None:
-        # A DataLoader worker's error is re-raised in the training process as
-        # ``type(error)("Caught ... Original Traceback ...: <message>")``: keep the message alone,
-        # so train.py prints one line a user can act on rather than a worker's traceback.
-        marker = f"{type(self).__name__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rsplit(marker, 1)[1].strip()
-        super().__init__(message)
 
 
 def num_target_values(channels: int) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.models.torchvision_models import load_weights
 from segtrain.registry import MODELS
 

@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from segtrain.devices import ConfigError
+from segtrain.errors import ConfigError
 from segtrain.registry import MODELS
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
 """Pictures for TensorBoard: class palettes, prediction panels and the confusion-matrix heatmap.
 
 Everything here takes and returns numpy arrays (``uint8`` RGB images ``(H, W, 3)``) and
-draws with PIL only, so it runs on any machine and costs little: it is called at
-validation only, on a handful of fixed samples.
+draws on the CPU with PIL and ``torchvision.utils.make_grid``, so it runs on any machine
+and costs little: it is called at validation only, on a handful of fixed samples.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
 
 from segtrain.errors import ConfigError
 
@@ -98,15 +99,19 @@ def middle_slices(image: np.ndarray, mask: np.ndarray, prediction: np.ndarray) -
 
 
 def fit_tile(array: np.ndarray, tile_size: int, smooth: bool) -> np.ndarray:
-    """Shrink so the longer side is ``tile_size`` when larger; grow by a whole factor (nearest) when much smaller."""
+    """The ``(H, W, 3)`` picture at the top left of a white ``tile_size`` square: shrunk so the longer
+    side is ``tile_size`` when larger, grown by a whole factor (nearest) when much smaller."""
     height, width = array.shape[:2]
     longer = max(height, width)
     if longer > tile_size:
         size = (max(1, round(width * tile_size / longer)), max(1, round(height * tile_size / longer)))
         resample = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST  # masks keep exact class colours
-        return np.asarray(Image.fromarray(array).resize(size, resample))
-    factor = max(1, tile_size // longer)  # whole factors keep every sample pixel a square block
-    return array.repeat(factor, 0).repeat(factor, 1) if factor > 1 else array
+        array = np.asarray(Image.fromarray(array).resize(size, resample))
+    else:
+        factor = max(1, tile_size // longer)  # whole factors keep every sample pixel a square block
+        array = array.repeat(factor, 0).repeat(factor, 1)
+    # make_grid takes tiles of one size, and samples may differ: white below and to the right.
+    return np.pad(array, ((0, tile_size - array.shape[0]), (0, tile_size - array.shape[1]), (0, 0)), constant_values=255)
 
 
 @lru_cache(maxsize=1)
@@ -160,34 +165,33 @@ def prediction_panel(
     differ in size. Every tile sits in a ``tile_size`` square cell (top left). Column
     titles on top, sample labels on the left, a legend of class colours below.
     """
-    rows = []
+    labels, tiles = [], []
     for index, (image, mask, prediction) in enumerate(zip(images, masks, predictions)):
         for view, view_image, view_mask, view_prediction in middle_slices(image, mask, prediction):
             rgb = to_rgb(view_image)
             predicted = colourize(view_prediction, palette)
-            tiles = [
+            labels.append(f"#{index} {view}".strip())
+            tiles += [
                 fit_tile(rgb, tile_size, smooth=True),
                 fit_tile(colourize(view_mask, palette), tile_size, smooth=False),
                 fit_tile(predicted, tile_size, smooth=False),
                 fit_tile(overlay(rgb, predicted), tile_size, smooth=True),
             ]
-            rows.append((f"#{index} {view}".strip(), tiles))
-    labels = [label for label, _ in rows]
+    # make_grid puts GAP between the tiles and around them: its corner sits GAP above and left of the first tile.
+    grid = make_grid(torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2), nrow=len(COLUMNS), padding=GAP, pad_value=255)
     tile_shape = (tile_size, tile_size)
-    _, _, bottom, right = tile_box(len(rows) - 1, len(COLUMNS) - 1, tile_shape, labels)
-    width, grid_height = right + GAP, bottom + GAP
+    top, left, _, _ = tile_box(0, 0, tile_shape, labels)
+    width, grid_height = left - GAP + grid.shape[2], top - GAP + grid.shape[1]
     key = legend(class_names, palette, width)
     canvas = Image.new("RGB", (width, grid_height + key.height), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (left - GAP, top - GAP))
     draw = ImageDraw.Draw(canvas)
     for column, title in enumerate(COLUMNS):
         _, left, _, right = tile_box(0, column, tile_shape, labels)
         draw.text(((left + right - text_width(title)) // 2, 2), title, fill=(0, 0, 0), font=font())
-    for row, (label, tiles) in enumerate(rows):
+    for row, label in enumerate(labels):
         top, _, bottom, _ = tile_box(row, 0, tile_shape, labels)
         draw.text((GAP, (top + bottom) // 2 - 7), label, fill=(0, 0, 0), font=font())
-        for column, tile in enumerate(tiles):
-            top, left, _, _ = tile_box(row, column, tile_shape, labels)
-            canvas.paste(Image.fromarray(tile), (left, top))
     canvas.paste(key, (0, grid_height))
     return np.asarray(canvas)
 

@@ -108,6 +108,30 @@ def test_prediction_panel_shows_the_fixed_samples_in_the_palette(tiny_run):
     )
 
 
+def test_samples_of_other_sizes_sit_at_the_top_left_of_white_cells():
+    """Whole validation images differ in size: each tile fills the top left of its cell, pixel for pixel;
+    the overlay is half image, half class colour, and the image itself where the class colour is black."""
+    rng = np.random.default_rng(0)
+    masks = [rng.integers(0, 3, size) for size in ((40, 56), (30, 50))]
+    images = [rng.random((1, *mask.shape), dtype=np.float32) for mask in masks]
+    palette = visualize.default_palette(3)
+    predictions = [(mask + 1) % 3 for mask in masks]
+    picture = visualize.prediction_panel(images, masks, predictions, ["a", "b", "c"], palette, tile_size=128)
+    labels = ["#0", "#1"]
+    enlarge = lambda array: array.repeat(2, 0).repeat(2, 1)  # the longer sides, 56 and 50, fit 128 twice
+    for row, (image, mask, predicted) in enumerate(zip(images, masks, predictions)):
+        rgb = enlarge(visualize.to_rgb(image)).astype(np.int64)
+        predicted = enlarge(predicted)
+        overlay = np.where(predicted[..., None] == 0, rgb, (rgb + palette[predicted] + 1) // 2)  # rounded half up
+        expected = [rgb, palette[enlarge(mask)], palette[predicted], overlay]
+        for column, tile in enumerate(expected):
+            top, left, bottom, right = visualize.tile_box(row, column, (128, 128), labels)
+            cell = picture[top:bottom, left:right]
+            height, width = tile.shape[:2]
+            assert (cell[:height, :width] == tile).all(), (row, column)
+            assert (cell[height:] == 255).all() and (cell[:, width:] == 255).all(), (row, column)
+
+
 def test_3d_panels_show_the_middle_slice_of_each_axis(tmp_path):
     import segtrain.run
 

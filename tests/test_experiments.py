@@ -66,7 +66,6 @@ def test_isbi_recipe_is_the_run_the_readme_measures():
 def test_shapes3d_recipe_is_the_3d_unet_on_volumes():
     cfg = compose_config(["experiment=shapes3d_unet3d"])
     assert cfg.dataset.name == "shapes3d" and cfg.model.name == "unet" and cfg.model.dims == 3
-    assert cfg.model.num_classes == 4 and cfg.model.in_channels == 1
     assert cfg == compose_config(["dataset=shapes3d", "model=unet3d"])
 
 

@@ -9,6 +9,7 @@ Examples::
     python train.py mode=eval resume=outputs/2026-11-23/10-00-00/best.pt
 """
 import logging
+import os
 import sys
 
 import hydra
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 import segtrain.distributed
 import segtrain.overrides
 import segtrain.run
+import segtrain.run_lock
 import segtrain.sweep
 from segtrain.errors import USER_ERRORS
 from segtrain.trainer import Interrupted
@@ -38,6 +40,8 @@ def main(cfg: DictConfig) -> float:
         log.error("%s at a step boundary; resume with: %s", stop, where)
         sys.exit(128 + stop.signum)  # 143 for SIGTERM, 130 for SIGINT: schedulers can requeue on these
     except USER_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # the traceback, as Hydra shows for any error under HYDRA_FULL_ERROR=1
         log.error("%s", error)
         sys.exit(1)
 
@@ -47,5 +51,10 @@ if __name__ == "__main__":
     unknown = segtrain.overrides.unknown_key_message(sys.argv[1:])  # a typo: one line, before Hydra's "+" hint
     if unknown:
         print(f"segtrain: {unknown}", file=sys.stderr)
+        sys.exit(1)
+    # A run dir that cannot be written, or that a live run holds: one line, before Hydra writes into it.
+    problem = segtrain.run_lock.preflight_message(sys.argv[1:])
+    if problem:
+        print(f"segtrain: {problem}", file=sys.stderr)
         sys.exit(1)
     main()

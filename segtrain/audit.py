@@ -123,6 +123,20 @@ def audit(
     return report
 
 
+def check_ignore_index(num_classes: int, ignore_index: int | None, class_names: list[str] | None = None) -> None:
+    """Refuse an ignore index that is one of the classes, ``[0, num_classes)``: that class would be left out of
+    the loss and the metrics, never learned, and reported at IoU 0 (or NaN) as if it were absent from the data."""
+    if ignore_index is None or isinstance(ignore_index, bool) or not 0 <= int(ignore_index) < int(num_classes):
+        return
+    index = int(ignore_index)
+    name = f"class {class_names[index]!r}" if class_names and index < len(class_names) else f"class {index}"
+    raise ConfigError(
+        f"dataset.ignore_index={index} is {name} (dataset.num_classes={num_classes}): its pixels would be left out of "
+        f"the loss and the metrics, never learned. Set dataset.ignore_index to a value that is no class (e.g. 255, "
+        f"or null to ignore nothing); if the masks mark 'do not care' pixels with {index}, re-save them with 255 there"
+    )
+
+
 def log_report(report: AuditReport) -> None:
     log.info(
         "data audit: %s files checked in %.1f s (%d from the cache)\n%s",

@@ -12,6 +12,8 @@ before training, so that a bad file is named at start-up, not in a worker mid-ep
 """
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from segtrain.registry import DATASETS
 from segtrain.transforms import PairTransform, build_transform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # fine for images; a mask's labels would be changed at every edge
 VOLUME_EXTENSIONS = (".npy",)
 
 
@@ -159,9 +162,19 @@ class Pairing:
 def pair_by_stem(image_dir: Path, mask_dir: Path, key: str) -> Pairing:
     """Pairs ``image_dir/a.*`` with ``mask_dir/a.*``; ``key`` names the config keys in errors."""
     for folder, which in ((image_dir, "images"), (mask_dir, "masks")):
+        broken = broken_link(folder)
+        if broken:
+            raise ConfigError(f"dataset.{key}_{which}: {broken}")
         if not folder.is_dir():
             raise ConfigError(f"dataset.{key}_{which}: folder {folder} does not exist (relative paths resolve against dataset.root)")
     images, masks = _by_stem(image_dir, f"dataset.{key}_images"), _by_stem(mask_dir, f"dataset.{key}_masks")
+    lossy = [path for path in masks.values() if path.suffix.lower() in LOSSY_EXTENSIONS]
+    if lossy:
+        raise ConfigError(
+            f"dataset.{key}_masks: masks must be lossless (PNG, TIFF or BMP); {lossy[0]} is JPEG"
+            + (f" (and {len(lossy) - 1} more in {mask_dir})" if len(lossy) > 1 else "")
+            + ": its compression changes label values at every edge. Re-export the masks as PNG from their source"
+        )
     pairs = [(images[stem], masks[stem]) for stem in sorted(images) if stem in masks]
     return Pairing(
         pairs,
@@ -177,8 +190,26 @@ def _by_stem(folder: Path, key: str) -> dict[str, Path]:
             continue
         if path.stem in files:
             raise ConfigError(f"{key}: {files[path.stem].name} and {path.name} in {folder} share the stem {path.stem!r}; keep one")
+        broken = broken_link(path)
+        if broken:
+            raise ConfigError(f"{key}: {broken}")
         files[path.stem] = path
     return files
+
+
+def broken_link(path: Path) -> str | None:
+    """What is wrong with ``path`` if it is a symbolic link loop or a link to nothing (a sentence naming it), else None."""
+    if not path.is_symlink() and path.exists():
+        return None
+    try:
+        os.stat(path)
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop ({path} -> {os.readlink(path) if path.is_symlink() else '...'}); point the link at a real file or folder, or remove it"
+        if path.is_symlink():
+            return f"{path} is a symbolic link to nothing ({path} -> {os.readlink(path)}); point it at a real file or folder, or remove it"
+        return None
 
 
 class SegmentationFiles(Dataset):
@@ -272,6 +303,9 @@ def folder(
 ) -> SegmentationFiles:
     """Your images and masks: see ``configs/dataset/folder.yaml`` for every key."""
     root_path = Path(root)
+    broken = broken_link(root_path)
+    if broken:
+        raise ConfigError(f"dataset.root={root}: {broken}")
     if not root_path.is_dir():
         raise ConfigError(f"dataset.root={root}: folder not found (relative to {Path.cwd()}, where train.py was started)")
     if (val_images is None) != (val_masks is None):

@@ -127,7 +127,6 @@ def test_train_py_into_a_live_runs_dir_fails_at_once_and_writes_nothing_there(tm
     assert "then resume" in resumed.stderr and not (tmp_path / "other").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's wiring: run.train inside run_lock.owning(run_dir) on rank 0")
 def test_the_run_itself_holds_its_dir_while_it_trains(tmp_path):
     """A train.py started while another is inside its run (past the pre-flight check) is refused by the lock."""
     import time

@@ -25,18 +25,17 @@ from test_folder_dataset import write_pairs
 
 QUICK = [*TINY, "trainer.max_epochs=1", "dataset.train_samples=16", "trainer.log_images=0"]
 
-# train.py as a user runs it, with every checkpoint write after the first ``SEGTRAIN_TEST_GOOD_SAVES`` going
-# to /dev/full: the kernel's own "No space left on device", through torch.save's writer.
+# train.py as a user runs it, where each write of last.pt once the run dir holds last.pt and best.pt goes to
+# /dev/full: the kernel's own "No space left on device", through torch.save's writer.
 FULL_DISK = """
 import os, runpy, sys, tempfile
-real_mkstemp, calls = tempfile.mkstemp, [0]
+real_mkstemp = tempfile.mkstemp
 def mkstemp(*args, **kwargs):
     handle, name = real_mkstemp(*args, **kwargs)
-    if name.endswith(".tmp"):
-        calls[0] += 1
-        if calls[0] > int(os.environ["SEGTRAIN_TEST_GOOD_SAVES"]):
-            os.close(handle)
-            handle = os.open("/dev/full", os.O_WRONLY)
+    folder = os.path.dirname(name)
+    if os.path.basename(name).startswith(".last.pt.") and all(os.path.exists(os.path.join(folder, f)) for f in ("last.pt", "best.pt")):
+        os.close(handle)
+        handle = os.open("/dev/full", os.O_WRONLY)
     return handle, name
 tempfile.mkstemp = mkstemp
 sys.argv = [sys.argv[1], *sys.argv[2:]]
@@ -90,13 +89,13 @@ def copy_of(run_dir: Path, tmp_path: Path) -> Path:
 
 def test_a_full_disk_while_saving_is_one_line_and_the_previous_last_pt_is_intact(tmp_path):
     run_dir = tmp_path / "run"
-    # Epoch 1 writes last.pt and best.pt; epoch 2's last.pt meets the full disk.
-    process = run_with(FULL_DISK, [f"hydra.run.dir={run_dir}", *QUICK, "trainer.max_epochs=2"], SEGTRAIN_TEST_GOOD_SAVES="2")
+    # Epoch 1 (two steps) writes last.pt and best.pt; a later write of last.pt meets the full disk.
+    process = run_with(FULL_DISK, [f"hydra.run.dir={run_dir}", *QUICK, "trainer.max_epochs=2"])
     assert error_line(process) == (
         f"no space left on device while writing {run_dir / 'last.pt'}; the previous last.pt is intact. Free space on that "
         f"disk (or move the run dir to a larger one), then continue with resume={run_dir}"
     )
-    assert load_checkpoint(run_dir / "last.pt")["state"]["epoch"] == 2, "epoch 1's checkpoint, as saved (the next epoch is 2)"
+    assert load_checkpoint(run_dir / "last.pt")["state"]["step"] == 2, "epoch 1's last.pt, as it was saved"
     assert not list(run_dir.glob(".*.tmp")), "the partial file is removed"
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
 from segtrain.build import Components, build  # noqa: E402
 from segtrain.host_memory import keep_freed_memory_for_cpu_training  # noqa: E402
+from segtrain.losses import AuxiliaryHeadLoss  # noqa: E402
 from segtrain.run import make_trainer  # noqa: E402
 from segtrain.run_log import RunLog  # noqa: E402
 from segtrain.trainer import PRECISIONS, Trainer  # noqa: E402
@@ -184,7 +185,10 @@ def plain_round(bench: Bench, model: nn.Module) -> tuple[float, float]:
         dtype = torch.float32  # as the trainer does: fp16 autocast needs CUDA
     synchronize(bench.device)
     wall, cpu = time.perf_counter(), time.process_time()
-    plain_loop(model, components.loss_fn, components.optimizer, bench.batches, dtype, bench.plain_scaler, getattr(components.model, "aux_weight", 0.0))
+    loss_fn, aux_weight = components.loss_fn, 0.0
+    if isinstance(loss_fn, AuxiliaryHeadLoss):  # the hand-written loop weighs torchvision's aux head itself
+        loss_fn, aux_weight = loss_fn.loss, loss_fn.weight
+    plain_loop(model, loss_fn, components.optimizer, bench.batches, dtype, bench.plain_scaler, aux_weight)
     synchronize(bench.device)
     return time.perf_counter() - wall, time.process_time() - cpu
 

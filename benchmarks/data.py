@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from segtrain.build import build_loader
-from segtrain.data import MaskCheck
+from segtrain.batches import MaskCheck
 from segtrain.host_memory import keep_freed_memory
 from segtrain.models.unet import UNet
 from segtrain.registry import DATASETS

@@ -1,7 +1,10 @@
-"""The one place where a config becomes objects. Below this, components take plain arguments."""
+"""The one place where a config becomes objects (``build``). What it builds (models, datasets, losses,
+loaders, optimizer, scheduler) receives plain values: ints, floats, lists and dicts, never a DictConfig.
+It also decides the facts the others read: the output channels, the ignore index, the steps per epoch."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import random
@@ -17,12 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segtrain import losses
-from segtrain.audit import AuditReport, audit, can_audit, log_report
-from segtrain.checkpoint import load_checkpoint, load_model_state
-from segtrain.data import EpochSampler, MaskCheck
+from segtrain.audit import AuditReport, audit, can_audit, check_ignore_index, log_report
+from segtrain.batches import EpochSampler, MaskCheck
+from segtrain.checkpoint import init_weights_from
 from segtrain.devices import resolve_device
-from segtrain.errors import ConfigError
 from segtrain.distributed import ShardSampler, world, wrap_model
+from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.task import output_channels
 
@@ -34,6 +37,8 @@ LOADER_KEYS = ("batch_size", "val_batch_size", "num_workers")
 
 @dataclass
 class Components:
+    """Everything ``build`` made for a run, and the facts it decided once for everyone to read."""
+
     device: torch.device
     model: nn.Module
     loss_fn: nn.Module
@@ -42,9 +47,11 @@ class Components:
     train_loader: DataLoader
     val_loader: DataLoader
     num_classes: int
-    ignore_index: int | None
+    out_channels: int  # the model's logit channels: task.output_channels(num_classes, loss_fn.sigmoid)
+    ignore_index: int | None  # dataset.ignore_index, given to the loss, the metrics and the mask check
     class_names: list[str]
-    total_steps: int
+    steps_per_epoch: int  # optimizer steps in one epoch (batches / trainer.accumulate, rounded up)
+    total_steps: int  # trainer.max_steps, or max_epochs x steps_per_epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -74,11 +81,24 @@ def check_names(cfg: DictConfig) -> None:
 
 
 def instantiate(registry: Registry, node: dict[str, Any], **arguments: Any) -> Any:
-    """Build from ``name`` (a registry entry) or ``_target_`` (any importable class)."""
+    """Build from ``name`` (a registry entry) or ``_target_`` (any importable class); a config key
+    the registered entry does not take fails naming the key (``model.num_classes``), not a TypeError."""
     node = dict(node)
     if "_target_" in node:
         return hydra.utils.instantiate(node, **arguments)
-    return registry.get(node.pop("name"))(**node, **arguments)
+    name = node.pop("name")
+    factory = registry.get(name)
+    parameters = inspect.signature(factory).parameters
+    if not any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        unknown = [key for key in node if key not in parameters]
+        if unknown:
+            given = ", ".join(sorted(arguments))
+            raise ConfigError(
+                f"{', '.join(f'{registry.kind}.{key}' for key in unknown)}: not a parameter of {registry.kind}={name} "
+                f"(it takes {', '.join(key for key in parameters if key not in arguments and key != 'self')}"
+                + (f"; the builder gives it {given}" if given else "") + "); remove it from the config"
+            )
+    return factory(**node, **arguments)
 
 
 def build_datasets(dataset_cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
@@ -146,31 +166,43 @@ def needs_training_masks(node: Any) -> bool:
     return node == "auto"
 
 
-def build_loss(
-    loss_cfg: dict[str, Any], train_set: Dataset, num_classes: int, ignore_index: int | None, class_counts: torch.Tensor | None = None
+def build_run_loss(
+    loss_cfg: dict[str, Any], model_cfg: dict[str, Any], train_set: Dataset, num_classes: int, ignore_index: int | None,
+    class_counts: torch.Tensor | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The loss, and its parameters with every ``auto`` replaced by values from the training masks
-    (``class_counts`` from the data audit when given, else one pass over ``train_set``)."""
+    """The run's loss, and its config as run (every ``auto`` replaced by values from the training
+    masks: ``class_counts`` from the data audit when given, else one pass over ``train_set``).
+
+    ``dataset.ignore_index`` is given to every loss that takes one (``losses.with_ignore_index``).
+    A model with an auxiliary head (``model.aux_loss``) gets its term from the loss side:
+    ``loss(out) + model.aux_weight * loss(aux)`` (``losses.AuxiliaryHeadLoss``).
+    """
     if needs_training_masks(loss_cfg):
         counts = class_counts if class_counts is not None else class_pixel_counts(train_set, num_classes, ignore_index)
         log.info("class pixel counts on the training masks: %s", counts.tolist())
         loss_cfg = losses.resolve_auto(loss_cfg, counts, num_classes)
         log.info("loss parameters with auto resolved: %s", loss_cfg)
-    loss = hydra.utils.instantiate(loss_cfg) if "_target_" in loss_cfg else losses.build_loss(**loss_cfg)
+    if "_target_" in loss_cfg:
+        loss = hydra.utils.instantiate(loss_cfg)
+    else:
+        loss = losses.build_loss(**losses.with_ignore_index(loss_cfg, ignore_index))
     if isinstance(loss, losses.SegLoss):
         loss.check_targets = False  # the loaders check every batch on the CPU (MaskCheck): no host read per loss call
+    if model_cfg.get("aux_loss"):
+        loss = losses.AuxiliaryHeadLoss(loss, float(model_cfg.get("aux_weight", 0.5)))
     return loss, loss_cfg
+
+
+# Model config keys read here, not by the model: fine-tuning weights and the aux head's loss weight.
+MODEL_BUILD_KEYS = ("init_from", "init_strict", "aux_weight")
 
 
 def build_model(model_cfg: dict[str, Any], out_channels: int) -> nn.Module:
     """The model with ``out_channels`` logits; ``init_from`` loads weights from a checkpoint (fine-tuning)."""
-    params = {key: value for key, value in model_cfg.items() if key not in ("num_classes", "init_from", "init_strict")}
+    params = {key: value for key, value in model_cfg.items() if key not in MODEL_BUILD_KEYS}
     model = instantiate(MODELS, params, out_channels=out_channels)
     if model_cfg.get("init_from"):
-        checkpoint = load_checkpoint(Path(model_cfg["init_from"]))
-        strict = bool(model_cfg.get("init_strict", True))
-        skipped = load_model_state(model, checkpoint["model"], strict=strict)
-        log.info("model.init_from=%s: loaded weights%s", model_cfg["init_from"], f"; not loaded: {', '.join(skipped)}" if skipped else "")
+        init_weights_from(model, Path(model_cfg["init_from"]), bool(model_cfg.get("init_strict", True)))
     return model
 
 
@@ -216,12 +248,14 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     num_classes, ignore_index = int(dataset_cfg["num_classes"]), dataset_cfg.get("ignore_index")
     train_set, val_set = build_datasets(dataset_cfg)
     class_names = resolve_class_names(dataset_cfg, train_set)
+    check_ignore_index(num_classes, ignore_index, class_names)  # not a class of the model; before the audit reads the masks
     report = audit_data(train_set, val_set, class_names, dataset_cfg)
-    loss_fn, loss_cfg = build_loss(
-        OmegaConf.to_container(cfg.loss, resolve=True), train_set, num_classes, ignore_index, report.train_counts if report else None
-    )
-    out_channels = output_channels(num_classes, getattr(loss_fn, "sigmoid", False))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    loss_fn, loss_cfg = build_run_loss(
+        OmegaConf.to_container(cfg.loss, resolve=True), model_cfg, train_set, num_classes, ignore_index,
+        report.train_counts if report else None,
+    )
+    out_channels = output_channels(num_classes, getattr(loss_fn, "sigmoid", False))  # the binary rule, decided here once
     if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
         model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
     model = build_model(model_cfg, out_channels).to(device)
@@ -249,7 +283,8 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         if run_cfg.dataset.get("in_channels") is None:
             run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
     components = Components(
-        device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, ignore_index, class_names, total_steps
+        device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, out_channels, ignore_index,
+        class_names, steps_per_epoch, total_steps,
     )
     return components, run_cfg
 

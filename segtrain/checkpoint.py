@@ -82,6 +82,69 @@ def load_checkpoint(path: Path, key: str | None = None) -> dict[str, Any]:
     return checkpoint
 
 
+# ------------------------------------------------------------------ the format
+# A checkpoint is a dict of plain data; these functions are the only readers and writers of its keys:
+#   model      the weights (``state_dict`` of the plain module, no DDP/compile prefixes)
+#   optimizer, scheduler, scaler   their ``state_dict``s (to resume exactly)
+#   state      the trainer's TrainState as a dict (epoch, batch, step, best, history, ...)
+#   rng        Python, numpy, torch and CUDA generator states
+#   config     the resolved run config (``auto`` values filled in): what eval/predict/export rebuild
+
+
+def training_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, state: dict[str, Any], config: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``last.pt`` and ``best.pt`` hold."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "state": state,
+        "rng": rng_state(),
+        "config": config,
+    }
+
+
+def restore_training(
+    checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any
+) -> dict[str, Any]:
+    """Load everything ``training_checkpoint`` saved into the built objects (weights strictly) and
+    set the RNGs; returns the trainer state to continue from."""
+    load_model_state(unwrap(model), checkpoint["model"], strict=True)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    return dict(checkpoint["state"])
+
+
+def load_weights(model: nn.Module, checkpoint: dict[str, Any], strict: bool = True) -> list[str]:
+    """The checkpoint's weights into ``model`` (eval, predict, export; ``init_from`` with ``strict=False``)."""
+    return load_model_state(unwrap(model), checkpoint["model"], strict=strict)
+
+
+def init_weights_from(model: nn.Module, path: Path, strict: bool) -> None:
+    """``model.init_from``: start from a checkpoint's weights (fine-tuning); ``strict=False`` loads the
+    layers whose names and shapes match and logs the others."""
+    skipped = load_weights(model, load_checkpoint(path, "model.init_from"), strict=strict)
+    log.info("model.init_from=%s: loaded weights%s", path, f"; not loaded: {', '.join(skipped)}" if skipped else "")
+
+
+def stored_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The trainer state saved with the checkpoint (epoch, step, best mIoU, history)."""
+    return checkpoint.get("state", {})
+
+
+def stored_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The resolved run config saved with the checkpoint. Checkpoints written before 2026-12-03
+    also stored ``model.num_classes`` (the builder gives the model its output channels): dropped."""
+    config = dict(checkpoint["config"])
+    if isinstance(config.get("model"), dict):
+        config["model"] = {key: value for key, value in config["model"].items() if key != "num_classes"}
+    return config
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy, torch and CUDA generator states, as plain data (lists and tensors)."""
     numpy_state = np.random.get_state()
@@ -121,7 +184,7 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], stri
     problems += [f"not in the model: {_few(unexpected)}"] * bool(unexpected)
     problems += [f"different shapes: {_few(shapes)}"] * bool(shapes)
     if problems and strict:
-        raise ValueError(
+        raise ConfigError(
             "the checkpoint does not fit this model (another architecture or class count?): " + "; ".join(problems)
         )
     matching = {key: value for key, value in state_dict.items() if key in own and value.shape == own[key].shape}

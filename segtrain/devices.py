@@ -11,11 +11,16 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def uses_cuda(device_list: Sequence[int] | None) -> bool:
+    """Whether ``device_list`` trains on CUDA: null when CUDA is available, or any index given."""
+    return torch.cuda.is_available() if device_list is None else len(device_list) > 0
+
+
 def resolve_device(device_list: Sequence[int] | None) -> torch.device:
     """``None``: CUDA device 0 if available, else the CPU; ``[]``: the CPU; ``[i]``: CUDA device i;
     ``[i, j, ...]``: the entry of this DDP process (``LOCAL_RANK``)."""
     if device_list is None:
-        if torch.cuda.is_available():
+        if uses_cuda(None):
             index = int(os.environ.get("LOCAL_RANK", 0))  # under torchrun: one GPU per local rank
             log.info("device_list=null: CUDA is available, training on cuda:%d (%s)", index, torch.cuda.get_device_name(index))
             return torch.device("cuda", index)

@@ -42,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Sampler
 
-from segtrain.errors import ConfigError
+from segtrain.devices import uses_cuda
+from segtrain.errors import USER_ERRORS, ConfigError, RankError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ class DistributedError(RuntimeError):
 @dataclass(frozen=True)
 class World:
     rank: int = 0
-    local_rank: int = 0
     size: int = 1
 
     @property
@@ -69,7 +69,7 @@ def world() -> World:
     """This process's rank and the number of processes (``World()`` without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()):
         return World()
-    return World(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+    return World(dist.get_rank(), dist.get_world_size())
 
 
 def is_main() -> bool:
@@ -105,8 +105,7 @@ def needs_spawn(cfg: DictConfig) -> bool:
 
 def backend_for(cfg: DictConfig) -> str:
     devices = cfg.get("device_list")
-    on_cuda = len(devices) > 0 if devices is not None else torch.cuda.is_available()
-    return "nccl" if on_cuda else "gloo"
+    return "nccl" if uses_cuda(None if devices is None else list(devices)) else "gloo"
 
 
 @contextlib.contextmanager
@@ -153,6 +152,15 @@ def spawned_worker(
         results.put(best)
 
 
+def rank_user_error(traceback_text: str) -> str | None:
+    """The message of a worker's traceback when its error is a user error (``errors.USER_ERRORS``), else None."""
+    last = next((line for line in reversed(traceback_text.strip().splitlines()) if line.strip()), "")
+    name, _, message = last.partition(": ")
+    if name.rsplit(".", 1)[-1] in {error.__name__ for error in USER_ERRORS} and message:
+        return message
+    return None
+
+
 def launch(cfg: DictConfig, run_dir: str | Path, train: Callable[[DictConfig, Path], float]) -> float:
     """Spawn one DDP worker per device (or CPU process) running ``train(cfg, run_dir)``; rank 0's result."""
     size = process_count(cfg)
@@ -174,10 +182,16 @@ def launch(cfg: DictConfig, run_dir: str | Path, train: Callable[[DictConfig, Pa
             nprocs=size, join=True,
         )
     except mp.ProcessRaisedException as error:
+        user_error = rank_user_error(str(error))
+        if user_error:  # a config or data mistake seen by a worker: one line, as in one process
+            raise RankError(f"DDP rank {error.error_index}: {user_error}") from None
         raise DistributedError(f"DDP rank {error.error_index} failed; the other ranks were stopped. Its error:\n{error}") from None
     except mp.ProcessExitedException as error:
         how = f"was killed by {error.signal_name}" if error.signal_name else f"exited with status {error.exit_code}"
-        raise DistributedError(f"DDP rank {error.error_index} {how}; the other ranks were stopped") from None
+        raise RankError(
+            f"DDP rank {error.error_index} {how}; the other ranks were stopped. last.pt in {run_dir} holds the last checkpoint: "
+            f"once the cause is found (out of host memory? the kernel log says), continue with resume={run_dir}"
+        ) from None
     finally:
         shutil.rmtree(rendezvous, ignore_errors=True)
     return float(results.get())

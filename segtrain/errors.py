@@ -51,4 +51,8 @@ class ExportError(RuntimeError):
     """The model could not be exported, or the exported files do not compute what the model does."""
 
 
-USER_ERRORS = (ConfigError, ExportError, LossParamError, MaskValueError, UnknownNameError, TrainingError)
+class RankError(RuntimeError):
+    """A DDP worker was killed, or stopped on one of the errors above: one line naming the rank."""
+
+
+USER_ERRORS = (ConfigError, ExportError, LossParamError, MaskValueError, UnknownNameError, TrainingError, RankError)

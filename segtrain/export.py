@@ -17,17 +17,16 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-import segtrain.run
 from segtrain.build import Components
 from segtrain.errors import ConfigError, ExportError
-from segtrain.task import output_channels, predict
+from segtrain.task import classes_from_logits
 from segtrain.visualize import resolve_palette
 
 log = logging.getLogger(__name__)
@@ -36,8 +35,11 @@ MAX_DIFF_GOAL, AGREEMENT_GOAL = 1e-4, 0.999
 EXTRA = ("onnx", "onnxscript", "onnxruntime")
 
 
-def export_checkpoint(cfg: DictConfig) -> float:
-    """``mode=export resume=<checkpoint or run dir>``; returns the smallest argmax agreement of the check."""
+def export_checkpoint(cfg: DictConfig, model_from_checkpoint: Callable[[DictConfig], Any]) -> float:
+    """``mode=export resume=<checkpoint or run dir>``; returns the smallest argmax agreement of the check.
+
+    ``model_from_checkpoint`` rebuilds the checkpoint's run (``segtrain.run.model_from_checkpoint``,
+    passed in by ``run.main``: export sits below run and does not import it)."""
     missing = [name for name in EXTRA if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(
@@ -47,7 +49,7 @@ def export_checkpoint(cfg: DictConfig) -> float:
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.device_list = []  # export and check on the CPU, in float32
-    loaded = segtrain.run.model_from_checkpoint(cfg)
+    loaded = model_from_checkpoint(cfg)
     components, path, checkpoint, run_cfg = loaded.components, loaded.path, loaded.checkpoint, loaded.config
     model = components.model.eval()
     export_cfg = cfg.get("export") or {}
@@ -180,7 +182,7 @@ def check(model: nn.Module, output: Path, batches: list[torch.Tensor]) -> list[d
                 "runtime": runtime, "input": list(images.shape),
                 "max_abs_diff": float((logits - reference).abs().max()),
                 "max_abs_logit": float(reference.abs().max()),
-                "argmax_agreement": float((predict(logits) == predict(reference)).float().mean()),
+                "argmax_agreement": float((classes_from_logits(logits) == classes_from_logits(reference)).float().mean()),
             })
     return rows
 
@@ -209,7 +211,7 @@ def describe(
     dims = len(train_size)
     state = checkpoint.get("state", {})
     best = next((entry for entry in state.get("history", []) if entry.get("epoch") == state.get("best_epoch")), None)
-    out_channels = output_channels(components.num_classes, getattr(components.loss_fn, "sigmoid", False))
+    out_channels = components.out_channels
     sigmoid = out_channels == 1
     return {
         "files": {"onnx": "model.onnx", "torch_export": "model.pt2"},

@@ -12,7 +12,7 @@ from segtrain.build import Components
 from segtrain.datasets.folder import IMAGE_EXTENSIONS, read_image
 from segtrain.errors import ConfigError
 from segtrain.inference import SlidingWindow, segment_logits
-from segtrain.task import predict
+from segtrain.task import classes_from_logits
 from segtrain.visualize import colourize, overlay, to_rgb
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def predict_folder(
             continue
         images = torch.stack([tensor for _, _, tensor in batch]).to(device)
         logits = segment_logits(model, images, sliding_window)
-        for (file, raw_image, _), classes in zip(batch, predict(logits).cpu().numpy()):
+        for (file, raw_image, _), classes in zip(batch, classes_from_logits(logits).cpu().numpy()):
             written += write_prediction(file, raw_image, classes, output_dir, palette)
         batch = []
     log.info("predicted %d images into %s", len(files), output_dir)

@@ -7,7 +7,7 @@ module was not imported.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from segtrain.errors import UnknownNameError
 
@@ -50,12 +50,6 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 MODELS = Registry("model")

@@ -34,14 +34,14 @@ KEY_HPARAMS = ("model.name", "dataset.name", "loss.name", "optimizer.lr", "datas
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
-def plain(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe copy: NaN and infinities become null (strict JSON has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -175,7 +175,7 @@ class RunLog:
         """``metrics.json``, with ``log_seconds``: the time this run spent logging so far."""
         path = self.run_dir / "metrics.json"
         temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(plain({**metrics, "log_seconds": self.seconds}), indent=2) + "\n")
+        temporary.write_text(json.dumps(json_safe({**metrics, "log_seconds": self.seconds}), indent=2) + "\n")
         temporary.replace(path)  # readers never see a half-written file
 
     def close(self) -> None:

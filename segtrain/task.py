@@ -14,7 +14,7 @@ def output_channels(num_classes: int, sigmoid: bool) -> int:
     return 1 if sigmoid and num_classes == 2 else num_classes
 
 
-def predict(logits: torch.Tensor) -> torch.Tensor:
+def classes_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Class indices from logits ``(N, C, *spatial)``: the sigmoid at 0.5 for one channel, else argmax."""
     if logits.shape[1] == 1:
         return (logits[:, 0] > 0).long()  # sigmoid(x) > 0.5  <=>  x > 0

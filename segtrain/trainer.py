@@ -14,22 +14,25 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from segtrain.errors import TrainingError
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from segtrain.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state, unwrap
-from segtrain.data import EpochSampler
+from segtrain.batches import EpochSampler
+from segtrain.checkpoint import restore_training, save_checkpoint, training_checkpoint
+from segtrain.errors import ConfigError, TrainingError
 from segtrain.inference import SlidingWindow, segment_logits, sliding_window_from
 from segtrain.losses import loss_terms
 from segtrain.metrics import ConfusionMatrix
 from segtrain.run_log import RunLog, system_scalars
-from segtrain.task import predict
+from segtrain.task import classes_from_logits
 from segtrain.visualize import fixed_samples
+
+if TYPE_CHECKING:  # the builder's product; trainer.py itself builds nothing
+    from segtrain.build import Components
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,18 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         self.precision = str(self.precision)  # `trainer.precision=32` on the command line arrives as an int
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision}: use one of {', '.join(PRECISIONS)}")
+        # Checked before any work: a zero here used to end in ZeroDivisionError after a whole epoch.
+        counts = {"max_epochs": self.max_epochs, "val_every": self.val_every, "log_every": self.log_every, "accumulate": self.accumulate,
+                  "max_bad_steps": self.max_bad_steps}
+        optional = {"max_steps": self.max_steps, "ckpt_every_steps": self.ckpt_every_steps}
+        for key, value in [*counts.items(), *optional.items()]:
+            if value is None and key in optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fix = "a whole number >= 1" + (" or null" if key in optional else "")
+                raise ConfigError(f"trainer.{key}={value}: must be {fix}")
 
 
 @dataclass
@@ -72,6 +87,7 @@ class TrainState:
     step: int = 0  # optimizer steps so far
     best_miou: float | None = None
     best_epoch: int | None = None
+    pending_validation: int | None = None  # an epoch trained but not yet validated (last.pt is written before validating)
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_steps_in_a_row: int = 0
     skipped_steps: int = 0
@@ -111,34 +127,18 @@ def stop_signals() -> Iterator[dict[str, int]]:
 
 
 class Trainer:
-    def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        train_loader: DataLoader,
-        val_loader: DataLoader,
-        device: torch.device,
-        num_classes: int,
-        ignore_index: int | None,
-        class_names: list[str],
-        settings: TrainerSettings,
-        run_log: RunLog,
-        run_dir: Path,
-        config: dict[str, Any],
-    ) -> None:
-        if settings.precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision={settings.precision}: use one of {', '.join(PRECISIONS)}")
-        if settings.accumulate < 1:
-            raise ValueError(f"trainer.accumulate={settings.accumulate}: must be at least 1")
+    """Trains the objects ``build`` made (``Components``) as ``settings`` say; writes checkpoints into
+    ``run_dir`` (each holding ``config``, the resolved run config) and logs through ``run_log``."""
+
+    def __init__(self, components: Components, settings: TrainerSettings, run_log: RunLog, run_dir: Path, config: dict[str, Any]) -> None:
         self.sliding_window = sliding_window_from(settings.val_mode, settings.window, settings.stride)
-        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
-        self.train_loader, self.val_loader, self.device = train_loader, val_loader, device
-        self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
+        self.components = components
+        self.model, self.loss_fn, self.optimizer, self.scheduler = components.model, components.loss_fn, components.optimizer, components.scheduler
+        self.train_loader, self.val_loader, self.device = components.train_loader, components.val_loader, components.device
         self.settings, self.run_log, self.run_dir, self.config = settings, run_log, Path(run_dir), config
         self.state = TrainState()
-        self.batches_per_epoch = len(train_loader)  # before any mid-epoch skip shortens the sampler
+        self.batches_per_epoch = len(self.train_loader)  # before any mid-epoch skip shortens the sampler
+        device, model, val_loader = self.device, self.model, self.val_loader
         self.dtype = PRECISIONS[settings.precision]
         # Autocast runs on CUDA; on the CPU only bf16 is supported by torch.
         self.autocast_enabled = self.dtype != torch.float32 and (device.type == "cuda" or self.dtype == torch.bfloat16)
@@ -148,6 +148,8 @@ class Trainer:
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         if settings.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if settings.compile:
+            own_compiler_cache()
         self.forward_model = torch.compile(model) if settings.compile else model
         self.warned_single_class = False
         self.progress_label = ""  # "job 3 " under a multirun launcher (set by segtrain.run.make_trainer)
@@ -161,6 +163,8 @@ class Trainer:
         state, settings = self.state, self.settings
         self.session_start, self.wall_before = time.perf_counter(), state.wall_seconds
         with stop_signals() as received:
+            if state.pending_validation is not None:  # resumed after a stop during validation: redo it
+                self.validate_pending(received)
             while state.epoch <= self.max_epochs and not self.reached_max_steps():
                 with self.out_of_memory_names("dataset.batch_size", self.train_loader.batch_size):
                     self.train_one_epoch(received)
@@ -168,10 +172,11 @@ class Trainer:
                 last = finished_epoch == self.max_epochs or self.reached_max_steps()
                 state.epoch, state.batch = state.epoch + 1, 0
                 if finished_epoch % settings.val_every == 0 or last:
-                    with self.out_of_memory_names("dataset.val_batch_size", self.val_loader.batch_size):
-                        self.validate(finished_epoch)
-                elif settings.save_checkpoints:
+                    state.pending_validation = finished_epoch
+                if settings.save_checkpoints:  # the epoch's training is safe before validation starts
                     self.save(improved=False)
+                if state.pending_validation is not None:
+                    self.validate_pending(received)
                 self.run_log.flush()
                 if received and not last:
                     self.stop(received["signum"])
@@ -215,9 +220,9 @@ class Trainer:
         for images, masks in bar:
             images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
             masks = masks.to(self.device, non_blocking=True)  # values checked on the CPU by the loader (MaskCheck)
-            with torch.autocast(self.device.type, self.dtype, enabled=self.autocast_enabled):
+            with self.autocast_context():
                 outputs = model(images)
-                loss, terms = model_loss(self.loss_fn, outputs, masks, unwrap(self.model))
+                loss, terms = loss_terms(self.loss_fn, outputs, masks)
             state.batch += 1
             images_seen += images.shape[0]
             # No host read between forward and backward: whether the loss is finite is recorded on
@@ -335,15 +340,31 @@ class Trainer:
         raise Interrupted(signum, path)
 
     # ----------------------------------------------------------- validation
-    def validate(self, epoch: int) -> dict[str, Any]:
-        """Evaluate, log at the global step, track the best model, save checkpoints."""
+    def validate_pending(self, received: dict[str, int]) -> None:
+        """Validate the epoch last.pt says is pending. A stop request during validation leaves at
+        once: last.pt, written before validation, holds the trained epoch and redoes it on resume."""
+        epoch = self.state.pending_validation
+        with self.out_of_memory_names("dataset.val_batch_size", self.val_loader.batch_size):
+            result = self.validate(epoch, stop_requested=lambda: bool(received))
+        if result is None:
+            self.run_log.flush()
+            raise Interrupted(received["signum"], self.run_dir / "last.pt" if self.settings.save_checkpoints else None)
+
+    def validate(self, epoch: int, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any] | None:
+        """Evaluate, log at the global step, track the best model, save checkpoints; None when
+        ``stop_requested`` turned true before the end (nothing logged or saved)."""
         state = self.state
+        components = self.components
         metrics = evaluate(
-            self.forward_model, self.loss_fn, self.val_loader, self.device, self.num_classes, self.ignore_index, self.autocast_context,
-            self.sliding_window, progress=f"{self.progress_label}val {epoch}" if self.settings.progress_bar else None,
+            self.forward_model, self.loss_fn, self.val_loader, self.device, components.num_classes, components.ignore_index,
+            self.autocast_context, self.sliding_window,
+            progress=f"{self.progress_label}val {epoch}" if self.settings.progress_bar else None, stop_requested=stop_requested,
         )
+        if metrics is None:
+            return None
+        state.pending_validation = None
         self.warn_if_single_class(metrics)
-        result = {"epoch": epoch, "step": state.step, **named_metrics(metrics, self.class_names)}
+        result = {"epoch": epoch, "step": state.step, **named_metrics(metrics, components.class_names)}
         scalars = {"val/loss": result["loss"], "val/mIoU": result["mIoU"], "val/acc": result["acc"], "val/dice": result["dice"]}
         scalars.update({f"val/IoU/{name}": iou for name, iou in result["IoU"].items() if not math.isnan(iou)})
         self.run_log.scalars(state.step, scalars)
@@ -368,7 +389,7 @@ class Trainer:
         _, images, masks = self.samples
         self.model.eval()  # the uncompiled model: a batch of another size would make torch.compile recompile
         with self.autocast_context():  # one sample at a time, as validation sees it: sizes may differ
-            predicted = [predict(segment_logits(self.model, image[None].to(self.device), self.sliding_window))[0] for image in images]
+            predicted = [classes_from_logits(segment_logits(self.model, image[None].to(self.device), self.sliding_window))[0] for image in images]
         self.run_log.predictions(self.state.step, images, masks, predicted)
 
     def warn_if_single_class(self, metrics: dict[str, Any]) -> None:
@@ -378,7 +399,7 @@ class Trainer:
             log.warning(
                 "validation predicts class %r everywhere; if this persists, check that dataset.num_classes, the loss "
                 "(sigmoid or softmax) and the masks agree (e.g. dataset.mask_values for 0/255 masks)",
-                self.class_names[predicted[0]],
+                self.components.class_names[predicted[0]],
             )
 
     def autocast_context(self) -> contextlib.AbstractContextManager:
@@ -387,15 +408,7 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def save(self, improved: bool) -> Path:
         self.state.wall_seconds = self.wall_seconds()
-        checkpoint = {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "state": asdict(self.state),
-            "rng": rng_state(),
-            "config": self.config,
-        }
+        checkpoint = training_checkpoint(self.model, self.optimizer, self.scheduler, self.scaler, asdict(self.state), self.config)
         path = self.run_dir / "last.pt"
         save_checkpoint(path, checkpoint)
         if improved:
@@ -404,19 +417,13 @@ class Trainer:
 
     def load(self, checkpoint: dict[str, Any]) -> None:
         """Restore everything ``save`` wrote: weights, optimizer, scheduler, scaler, state and RNGs."""
-        load_model_state(unwrap(self.model), checkpoint["model"], strict=True)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = TrainState(**checkpoint["state"])
-        set_rng_state(checkpoint["rng"])
+        self.state = TrainState(**restore_training(checkpoint, self.model, self.optimizer, self.scheduler, self.scaler))
 
     # ----------------------------------------------------------- bookkeeping
     @property
     def max_epochs(self) -> int:
         if self.settings.max_steps is not None:
-            steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / self.settings.accumulate))
-            return math.ceil(self.settings.max_steps / steps_per_epoch)
+            return math.ceil(self.settings.max_steps / self.components.steps_per_epoch)
         return self.settings.max_epochs
 
     def reached_max_steps(self) -> bool:
@@ -443,22 +450,6 @@ class Trainer:
         }
 
 
-def model_loss(
-    loss_fn: nn.Module, outputs: torch.Tensor | dict[str, torch.Tensor], masks: torch.Tensor, model: nn.Module
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training loss of a model's output and its logged terms.
-
-    Logits give ``loss_terms``. A model with an auxiliary head (torchvision's FCN/DeepLabV3)
-    returns ``{"out", "aux"}`` in train mode: total = loss(out) + model.aux_weight * loss(aux),
-    with the weighted aux term logged as ``aux``.
-    """
-    if not isinstance(outputs, dict):
-        return loss_terms(loss_fn, outputs, masks)
-    loss, terms = loss_terms(loss_fn, outputs["out"], masks)
-    aux_loss = model.aux_weight * loss_fn(outputs["aux"], masks)
-    return loss + aux_loss, {**terms, "aux": aux_loss.detach()}
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -470,23 +461,27 @@ def evaluate(
     autocast: Any = contextlib.nullcontext,
     sliding_window: SlidingWindow | None = None,
     progress: str | None = None,
-) -> dict[str, Any]:
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
     """Validation loss (mean over samples) and metrics from one confusion matrix over the whole split.
 
     Whole images go through the model at once, or window by window with ``sliding_window``;
-    ``progress`` labels a progress bar (None: no bar).
+    ``progress`` labels a progress bar (None: no bar). ``stop_requested`` is asked before each
+    batch; when it says so, None is returned at once (a scheduler's grace period is short).
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     loss_sum, samples = torch.zeros((), device=device), 0
     for images, masks in progress_bar(loader, progress or "", progress is not None, len(loader)):
+        if stop_requested is not None and stop_requested():
+            return None
         images = images.to(device, non_blocking=True)
         masks = masks.to(device, non_blocking=True)
         with autocast():
             logits = segment_logits(model, images, sliding_window)
-            loss_sum += loss_fn(logits, masks).detach().float() * images.shape[0]
+            loss_sum += loss_terms(loss_fn, logits, masks)[0].detach().float() * images.shape[0]
         samples += images.shape[0]
-        confusion.update(predict(logits), masks)
+        confusion.update(classes_from_logits(logits), masks)
     confusion.reduce_across_processes()
     loss_sum, samples = reduce_sum(loss_sum, samples)  # DDP: the mean over the whole split, not this process's shard
     predicted_classes = torch.nonzero(confusion.matrix.sum(0)).flatten().tolist()
@@ -529,6 +524,19 @@ def named_metrics(metrics: dict[str, Any], class_names: list[str]) -> dict[str, 
 def finite_terms(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
     """Whether the total and each term are finite, as a bool vector on the device (nothing read back)."""
     return torch.isfinite(torch.stack([loss.detach().float(), *(term.float() for term in terms.values())]))
+
+
+def own_compiler_cache() -> None:
+    """torch.compile loads the code it compiled from ``/tmp/torchinductor_<user>`` by default, a folder
+    another user of the machine could create first and fill. Unless ``TORCHINDUCTOR_CACHE_DIR`` is
+    set, segtrain points it into the user's own cache (``$SEGTRAIN_CACHE_DIR/inductor``)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        from segtrain.cache import cache_root
+
+        folder = cache_root() / "inductor"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        log.info("trainer.compile: torch.compile's cache in %s (TORCHINDUCTOR_CACHE_DIR)", folder)
 
 
 def is_finite_model(model: nn.Module) -> bool:

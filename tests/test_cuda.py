@@ -25,7 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import REPO, TINY, compose_config, run_train_py
 from segtrain.checkpoint import load_checkpoint
-from segtrain.losses import build_loss, loss_terms, resolve_auto
+from segtrain.losses import build_loss, loss_terms, resolve_auto, with_ignore_index
 from segtrain.registry import LOSSES
 
 CUDA = torch.cuda.is_available()
@@ -91,10 +91,7 @@ LOSS_NAMES = sorted(path.stem for path in LOSS_CONFIGS.glob("*.yaml"))
 
 
 def loss_params(name: str, num_classes: int) -> dict:
-    params = OmegaConf.to_container(
-        OmegaConf.create({"dataset": {"ignore_index": IGNORE}, "loss": OmegaConf.load(LOSS_CONFIGS / f"{name}.yaml")}).loss,
-        resolve=True,
-    )
+    params = with_ignore_index(OmegaConf.to_container(OmegaConf.load(LOSS_CONFIGS / f"{name}.yaml"), resolve=True), IGNORE)
     # `auto` weights as the framework resolves them, from class pixel counts.
     if name in ("ce", "nll", "bce"):
         params["weight" if name != "bce" else "pos_weight"] = "auto"

@@ -211,7 +211,7 @@ def test_a_logging_step_reads_its_values_at_once(tmp_path, monkeypatch):
 
 def test_the_counting_sees_a_read_between_forward_and_backward(tmp_path, monkeypatch):
     """The check itself can fail: a loss that reads its value back is caught."""
-    original = segtrain.trainer.model_loss
+    original = segtrain.trainer.loss_terms
 
     def reading_loss(*args, **kwargs):
         loss, terms = original(*args, **kwargs)
@@ -219,7 +219,7 @@ def test_the_counting_sees_a_read_between_forward_and_backward(tmp_path, monkeyp
             pass
         return loss, terms
 
-    monkeypatch.setattr(segtrain.trainer, "model_loss", reading_loss)
+    monkeypatch.setattr(segtrain.trainer, "loss_terms", reading_loss)
     recorder = run_recorded(tmp_path, monkeypatch, [])
     assert recorder.reads_between_forward_and_backward() == ["__bool__"] * (48 // 8)
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from torch.nn._reduction import legacy_get_string
 from torchvision.ops import sigmoid_focal_loss
 
-from segtrain.losses import build_loss, loss_terms, resolve_auto
+from segtrain.losses import LossParamError, build_loss, loss_terms, resolve_auto, with_ignore_index
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.regression import hard_negative_mask
 from segtrain.registry import LOSSES
@@ -551,9 +551,8 @@ def test_loss_terms():
 
 
 def loss_config(path: Path, ignore_index: int | None) -> dict:
-    """configs/loss/<name>.yaml under `loss`, beside a `dataset` node for the interpolation."""
-    root = OmegaConf.create({"dataset": {"ignore_index": ignore_index}, "loss": OmegaConf.load(path)})
-    return OmegaConf.to_container(root.loss, resolve=True)
+    """configs/loss/<name>.yaml with dataset.ignore_index given to it as the builder does."""
+    return with_ignore_index(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ignore_index)
 
 
 def forward_backward_with_ignored_pixels(params: dict, num_classes: int, spatial: tuple[int, ...]) -> None:
@@ -598,7 +597,7 @@ def test_hydra_selects_each_loss_file(name):
         overrides.append("loss.weights.dice=0.5")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    loss_fn = build_loss(**OmegaConf.to_container(cfg.loss, resolve=True))
+    loss_fn = build_loss(**with_ignore_index(OmegaConf.to_container(cfg.loss, resolve=True), cfg.dataset.ignore_index))
     assert loss_fn.ignore_index == 255
     if name == "ce_dice":
         assert loss_fn.weights == {"ce": 1.0, "dice": 0.5}
@@ -610,3 +609,14 @@ def test_benchmark_smoke():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "segtrain focal (softmax)" in result.stdout and "F.cross_entropy" in result.stdout
+
+
+def test_ignore_index_is_set_once_on_the_dataset():
+    """The loss files hold no ignore_index: the builder gives every loss (and term) dataset.ignore_index,
+    and a loss config that names another value is refused with both keys."""
+    assert not any("ignore_index:" in path.read_text().split("#")[0] for path in LOSS_CONFIGS.glob("*.yaml"))
+    terms = {"name": "sum", "terms": {"ce": {"name": "ce"}, "dice": {"name": "dice"}}}
+    assert with_ignore_index(terms, 255)["terms"]["dice"]["ignore_index"] == 255
+    assert with_ignore_index({"name": "ce", "ignore_index": 255}, 255)["ignore_index"] == 255  # the same value: kept
+    with pytest.raises(LossParamError, match=r"loss.terms.ce.ignore_index: 3 differs from dataset.ignore_index=255"):
+        with_ignore_index({"name": "sum", "terms": {"ce": {"name": "ce", "ignore_index": 3}}}, 255)

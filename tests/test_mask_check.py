@@ -1,5 +1,5 @@
 """Mask values are checked on the data side: once per batch, on the CPU, before the transfer
-(``segtrain.data.MaskCheck``, the loaders' collate function), for every dataset."""
+(``segtrain.batches.MaskCheck``, the loaders' collate function), for every dataset."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import torch
 import segtrain.run
 from conftest import TINY, TINY_3D, compose_config, run_train_py
 from segtrain.build import build
-from segtrain.data import MaskCheck
+from segtrain.batches import MaskCheck
 from segtrain.errors import MaskValueError
 from segtrain.registry import DATASETS
 

@@ -38,7 +38,7 @@ def test_user_registered_model_is_built_from_config(tmp_path):
             self.hidden = hidden
 
     try:
-        model = build_model({"name": "tiny_test_model", "in_channels": 3, "num_classes": 5, "hidden": 7}, out_channels=5)
+        model = build_model({"name": "tiny_test_model", "in_channels": 3, "hidden": 7}, out_channels=5)
         assert isinstance(model, Tiny) and model.hidden == 7 and model.conv.out_channels == 5
     finally:
         MODELS._entries.pop("tiny_test_model")
@@ -47,7 +47,7 @@ def test_user_registered_model_is_built_from_config(tmp_path):
 def test_target_points_at_any_importable_class():
     from segtrain.build import build_model
 
-    model = build_model({"_target_": "segtrain.models.unet.UNet", "in_channels": 1, "num_classes": 3, "width": 4, "depth": 1}, 3)
+    model = build_model({"_target_": "segtrain.models.unet.UNet", "in_channels": 1, "width": 4, "depth": 1}, 3)
     assert model.head.out_channels == 3
 
 
@@ -91,3 +91,12 @@ def test_imports_key_registers_a_users_loss_by_name(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["finished"]
     missing = run_train_py([f"hydra.run.dir={tmp_path / 'bad'}", *TINY, "imports=[no_such_module]"])
     assert missing.returncode == 1 and "imports: cannot import 'no_such_module'" in missing.stdout + missing.stderr
+
+
+def test_a_key_the_model_does_not_take_is_named():
+    """An old config's model.num_classes (the builder now gives out_channels) is one line naming the key."""
+    from segtrain.build import build_model
+    from segtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.num_classes: not a parameter of model=unet .*the builder gives it out_channels"):
+        build_model({"name": "unet", "in_channels": 1, "num_classes": 3}, 3)

@@ -16,7 +16,8 @@ from segtrain import trainer as trainer_module
 from segtrain.checkpoint import load_checkpoint, save_checkpoint
 from segtrain.registry import LOSSES
 from segtrain.trainer import Interrupted
-from segtrain.errors import TrainingError
+from segtrain.errors import ConfigError, TrainingError
+from omegaconf import OmegaConf
 
 DETERMINISTIC = [*TINY, "model.width=4", "trainer.deterministic=true", "dataset.train_samples=32"]
 
@@ -47,8 +48,8 @@ def interrupt_when(monkeypatch, condition):
             os.kill(os.getpid(), signal.SIGTERM)
         return norm
 
-    def validate(self, epoch):
-        result = original_validate(self, epoch)
+    def validate(self, epoch, **kwargs):
+        result = original_validate(self, epoch, **kwargs)
         if condition(self, "validation"):
             os.kill(os.getpid(), signal.SIGTERM)
         return result
@@ -167,9 +168,17 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 
 def test_checkpoint_of_another_class_count_fails_with_keys_and_shapes(tmp_path):
     segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1"]), tmp_path)
-    cfg = compose_config([*TINY, "dataset.num_classes=3", f"resume={tmp_path / 'best.pt'}"])
-    with pytest.raises(ValueError, match=r"different shapes: head.bias: checkpoint \(4,\) vs model \(3,\)"):
+    cfg = compose_config([*TINY, "trainer.max_epochs=1", "dataset.num_classes=3", f"resume={tmp_path / 'best.pt'}"])
+    # Resume refuses the changed key with both values, before building anything (issue 16) ...
+    with pytest.raises(ConfigError, match=r"would change it mid-run: dataset.num_classes=3 \(the checkpoint: 4\)"):
         segtrain.run.train(cfg, tmp_path / "unused")
+    # ... and weights that do not fit a model fail naming the keys and shapes.
+    from segtrain.build import build_model
+    from segtrain.checkpoint import load_weights
+
+    model = build_model(OmegaConf.to_container(compose_config(TINY).model, resolve=True), 3)
+    with pytest.raises(ValueError, match=r"different shapes: head.bias: checkpoint \(4,\) vs model \(3,\)"):
+        load_weights(model, load_checkpoint(tmp_path / "best.pt"))
 
 
 def test_eval_uses_the_checkpoints_config_and_refuses_other_overrides(tmp_path):
@@ -337,10 +346,7 @@ def test_gradient_accumulation_matches_the_large_batch():
     for components, accumulate in ((large, 1), (small, 2)):
         settings = trainer_module.TrainerSettings(max_steps=1, accumulate=accumulate, progress_bar=False, save_checkpoints=False)
         run_log = type("NoLog", (), {"scalars": lambda *a: None, "flush": lambda *a: None, "write_metrics": lambda *a: None})()
-        trainer = trainer_module.Trainer(
-            components.model, components.loss_fn, components.optimizer, components.scheduler, components.train_loader,
-            components.val_loader, components.device, 4, None, ["a", "b", "c", "d"], settings, run_log, "/nonexistent", {},
-        )
+        trainer = trainer_module.Trainer(components, settings, run_log, "/nonexistent", {})
         trainer.train_one_epoch({})
     for (name, first), second in zip(large.model.named_parameters(), small.model.parameters()):
         assert torch.allclose(first, second, atol=1e-6), name
@@ -353,7 +359,7 @@ def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
     from conftest import run_train_py
     from segtrain.build import build
     from segtrain.registry import DATASETS
-    from segtrain.task import predict
+    from segtrain.task import classes_from_logits
     from segtrain.visualize import resolve_palette
 
     segtrain.run.train(compose_config([*TINY, "trainer.max_epochs=1"]), tmp_path / "run")
@@ -382,5 +388,5 @@ def test_predict_writes_masks_and_overlays_of_the_input_size(tmp_path):
         assert mask.shape == size and overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
         source = np.array(Image.open(next(images.glob(f"{name}.*"))).convert("RGB"))
         with torch.no_grad():
-            expected = predict(model(torch.from_numpy(source).permute(2, 0, 1)[None].float() / 255))[0].numpy()
+            expected = classes_from_logits(model(torch.from_numpy(source).permute(2, 0, 1)[None].float() / 255))[0].numpy()
         assert (mask == expected).all(), "the written mask is the model's prediction"

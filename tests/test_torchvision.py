@@ -8,10 +8,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_config
-from segtrain.build import build, build_datasets, build_model
-from segtrain.data import MaskCheck
+from segtrain.build import build, build_datasets, build_model, build_run_loss
+from segtrain.batches import MaskCheck
 from segtrain.errors import ConfigError
-from segtrain.trainer import model_loss
+from segtrain.losses import AuxiliaryHeadLoss, loss_terms
 
 TORCHVISION_MODELS = ["fcn_resnet50", "deeplabv3_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
 
@@ -29,12 +29,16 @@ def model_config(name: str, *overrides: str) -> dict:
 def test_each_model_trains_a_step_with_its_aux_loss(name):
     torch.manual_seed(0)
     model = build_model(model_config(name), out_channels=5)
-    assert model.aux_weight == (0.0 if name.startswith("lraspp") else 0.5)
+    run_loss, _ = build_run_loss({"name": "ce"}, model_config(name), None, 5, None)
+    # The aux head's weight lives on the loss side, not in the model.
+    assert not hasattr(model, "aux_weight")
+    assert isinstance(run_loss, AuxiliaryHeadLoss) != name.startswith("lraspp")
+    assert name.startswith("lraspp") or run_loss.weight == 0.5
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     loss_fn = torch.nn.CrossEntropyLoss()
     images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
     outputs = model.train()(images)
-    loss, terms = model_loss(loss_fn, outputs, masks, model)
+    loss, terms = loss_terms(run_loss, outputs, masks)
     if name.startswith("lraspp"):
         assert outputs.shape == (2, 5, 64, 64) and "aux" not in terms
     else:

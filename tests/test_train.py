@@ -93,7 +93,9 @@ def test_default_config_composes_with_contract_keys():
                 "dataset.batch_size", "dataset.num_workers", "dataset.num_classes", "dataset.ignore_index",
                 "dataset.size", "optimizer.lr"):
         assert key.split(".")[-1] in (cfg if "." not in key else cfg[key.split(".")[0]]), key
-    assert cfg.model.num_classes == cfg.dataset.num_classes and cfg.model.in_channels == cfg.dataset.in_channels
+    # The builder gives the model its output channels (from dataset.num_classes and the loss): the
+    # model config holds no class count of its own.
+    assert "num_classes" not in cfg.model and cfg.model.in_channels == cfg.dataset.in_channels
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         hydra_cfg = compose(config_name="train", return_hydra_config=True).hydra
     assert hydra_cfg.job.chdir is False

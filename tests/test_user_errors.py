@@ -240,7 +240,6 @@ def test_an_ignore_index_that_is_a_class_is_refused_with_its_name():
         check_ignore_index(num_classes, ignore_index, None)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the lead's wiring: build() calls audit.check_ignore_index before loading data")
 def test_train_py_refuses_an_ignore_index_that_is_a_class(tmp_path):
     process = run_train_py([f"hydra.run.dir={tmp_path / 'run'}", *QUICK, "dataset.ignore_index=1"])
     assert error_line(process).startswith("dataset.ignore_index=1 is class 'ellipse' (dataset.num_classes=4)")

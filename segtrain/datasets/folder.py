@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from segtrain.data import SampleCache
+from segtrain.datasets.sample_cache import SampleCache
 from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS
 from segtrain.transforms import PairTransform, build_transform

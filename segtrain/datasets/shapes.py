@@ -16,7 +16,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from segtrain.data import SampleCache
+from segtrain.datasets.sample_cache import SampleCache
 from segtrain.registry import DATASETS
 
 SHAPES_2D = ("ellipse", "rectangle", "triangle")

@@ -10,12 +10,14 @@ output channels.
 from segtrain.losses import classification, combined, dice, focal, regression  # noqa: F401  (registration)
 from segtrain.losses.base import SegLoss
 from segtrain.errors import LossParamError
-from segtrain.losses.build import AUTO_PARAMS, build_loss, loss_terms, resolve_auto
+from segtrain.losses.build import AUTO_PARAMS, build_loss, loss_terms, resolve_auto, with_ignore_index
+from segtrain.losses.combined import AuxiliaryHeadLoss
 from segtrain.losses.focal import softmax_focal_loss
 from segtrain.losses.target import PreparedTarget, prepare_target
 
 __all__ = [
     "AUTO_PARAMS",
+    "AuxiliaryHeadLoss",
     "LossParamError",
     "PreparedTarget",
     "SegLoss",
@@ -24,4 +26,5 @@ __all__ = [
     "prepare_target",
     "resolve_auto",
     "softmax_focal_loss",
+    "with_ignore_index",
 ]

@@ -40,7 +40,7 @@ class SegLoss(nn.Module):
     config_key: str = "loss"
     # Whether each call checks the target's values (a read back to the host): None checks a
     # CPU target only, so a CUDA step never waits for it; the framework sets False, since its
-    # data loaders check every batch on the CPU before the transfer (segtrain.data.MaskCheck).
+    # data loaders check every batch on the CPU before the transfer (segtrain.batches.MaskCheck).
     check_targets: bool | None = None
 
     def __init__(self, ignore_index: int | None = None, reduction: str = "mean") -> None:

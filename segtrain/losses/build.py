@@ -13,14 +13,15 @@ from torch.nn._reduction import legacy_get_string
 from segtrain.losses.base import SegLoss
 from segtrain.errors import LossParamError
 from segtrain.registry import LOSSES
+from segtrain.task import output_channels
 
 
-def plain(value: Any) -> Any:
+def as_containers(value: Any) -> Any:
     """Config values as plain dicts and lists (OmegaConf containers included)."""
     if isinstance(value, Mapping):
-        return {str(key): plain(item) for key, item in value.items()}
+        return {str(key): as_containers(item) for key, item in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [plain(item) for item in value]
+        return [as_containers(item) for item in value]
     return value
 
 
@@ -32,7 +33,7 @@ def build_loss(name: str, **params: Any) -> nn.Module:
     ``torch.nn._reduction.legacy_get_string`` does (and override ``reduction``, as in
     torch), with a warning. ``auto`` values must be resolved first (:func:`resolve_auto`).
     """
-    return build_loss_at(name, plain(params), "loss")
+    return build_loss_at(name, as_containers(params), "loss")
 
 
 def build_loss_at(name: str, params: dict[str, Any], key: str) -> SegLoss:
@@ -61,20 +62,50 @@ def build_loss_at(name: str, params: dict[str, Any], key: str) -> SegLoss:
     return loss
 
 
-def loss_terms(loss_fn: nn.Module, logits: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def loss_terms(loss_fn: nn.Module, outputs: Tensor | dict[str, Tensor], target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """The total loss (to call ``backward`` on) and its named, weighted terms (detached, for logging).
 
-    A weighted sum gives one entry per term (``{"ce": 1.0 * ce, "dice": 1.0 * dice}``);
-    any other loss gives ``{name: total}``.
+    A weighted sum gives one entry per term (``{"ce": 1.0 * ce, "dice": 1.0 * dice}``), an
+    auxiliary-head loss adds ``aux``; any other loss gives ``{name: total}``. Training and
+    validation both compute their loss here.
     """
-    weighted_terms = getattr(loss_fn, "weighted_terms", None)
-    if weighted_terms is not None:
-        terms = weighted_terms(logits, target)
-        total = sum(terms.values())
-    else:
-        total = loss_fn(logits, target)
-        terms = {getattr(loss_fn, "name", type(loss_fn).__name__): total}
+    terms = weighted_terms(loss_fn, outputs, target)
+    total = sum(terms.values())
     return total, {name: value.detach() for name, value in terms.items()}
+
+
+def weighted_terms(loss_fn: nn.Module, outputs: Tensor | dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+    """The weighted terms of ``loss_fn`` (not detached); ``{name: loss}`` for a loss of one term."""
+    method = getattr(loss_fn, "weighted_terms", None)
+    if method is not None:
+        return method(outputs, target)
+    return {getattr(loss_fn, "name", type(loss_fn).__name__): loss_fn(outputs, target)}
+
+
+def with_ignore_index(params: Mapping[str, Any], ignore_index: int | None, key: str = "loss") -> dict[str, Any]:
+    """The loss config with ``dataset.ignore_index`` given to every loss that takes one (the terms
+    of a sum too): the dataset's config is the one place it is set, for the losses and the metrics.
+
+    A loss config that sets a different ``ignore_index`` is refused, naming both keys.
+    """
+    resolved = as_containers(params)
+    cls = LOSSES.get(resolved["name"]) if "name" in resolved else None
+    if isinstance(resolved.get("terms"), dict):
+        resolved["terms"] = {
+            term: with_ignore_index(term_params, ignore_index, f"{key}.terms.{term}") if isinstance(term_params, dict) else term_params
+            for term, term_params in resolved["terms"].items()
+        }
+    if cls is None or "ignore_index" not in inspect.signature(cls.__init__).parameters:
+        return resolved
+    given = resolved.get("ignore_index", ignore_index)
+    if given != ignore_index:
+        raise LossParamError(
+            f"{key}.ignore_index",
+            f"{given} differs from dataset.ignore_index={ignore_index}; the loss and the metrics take the dataset's value: "
+            f"set dataset.ignore_index={given} and remove {key}.ignore_index",
+        )
+    resolved["ignore_index"] = ignore_index
+    return resolved
 
 
 def median_frequency_weights(class_pixel_counts: Tensor, binary: bool, sigmoid: bool) -> list[float]:
@@ -134,7 +165,7 @@ def resolve_auto(params: Mapping[str, Any], class_pixel_counts: Tensor, num_clas
         )
     if counts.sum() <= 0:
         raise ValueError("loss parameters set to auto need labelled training pixels, but the masks have none")
-    return _resolve(plain(params), counts, num_classes, "loss")
+    return _resolve(as_containers(params), counts, num_classes, "loss")
 
 
 def _resolve(params: dict[str, Any], counts: Tensor, num_classes: int, key: str) -> dict[str, Any]:
@@ -149,7 +180,7 @@ def _resolve(params: dict[str, Any], counts: Tensor, num_classes: int, key: str)
             for term, term_params in params["terms"].items()
         }
     sigmoid = cls.uses_sigmoid(params)
-    binary = sigmoid and num_classes == 2  # the framework gives such a model one output channel
+    binary = output_channels(num_classes, sigmoid) == 1
     for param, value in params.items():
         if value != "auto":
             continue

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from segtrain.losses.base import SegLoss, register_loss
 from segtrain.errors import LossParamError
-from segtrain.losses.build import build_loss_at, plain
+from segtrain.losses.build import as_containers, build_loss_at, weighted_terms
 from segtrain.losses.target import PreparedTarget
 from segtrain.registry import LOSSES
 
@@ -25,7 +25,7 @@ class WeightedSumLoss(SegLoss):
     """
 
     def __init__(self, terms: Mapping[str, Mapping[str, Any]], weights: Mapping[str, float] | None = None) -> None:
-        terms, weights = plain(terms), plain(weights)
+        terms, weights = as_containers(terms), as_containers(weights)
         if not isinstance(terms, dict) or not terms:
             raise LossParamError("loss.terms", "give at least one term, e.g. {ce: {name: ce}, dice: {name: dice}}")
         parts: dict[str, SegLoss] = {}
@@ -47,8 +47,8 @@ class WeightedSumLoss(SegLoss):
         ignore_indices = {part.ignore_index for part in parts.values()}
         if len(ignore_indices) > 1:
             raise LossParamError(
-                "loss.terms", f"the terms ignore different values {sorted(map(str, ignore_indices))}; give every term "
-                "ignore_index: ${dataset.ignore_index}"
+                "loss.terms", f"the terms ignore different values {sorted(map(str, ignore_indices))}; leave ignore_index "
+                "out of the terms: the framework gives each dataset.ignore_index"
             )
         sigmoids = {term: part.sigmoid for term, part in parts.items()}
         if len(set(sigmoids.values())) > 1:
@@ -82,3 +82,27 @@ class WeightedSumLoss(SegLoss):
 
     def extra_repr(self) -> str:
         return f"weights={self.weights}"
+
+
+class AuxiliaryHeadLoss(nn.Module):
+    """The loss of a model with an auxiliary head (torchvision's FCN and DeepLabV3 in train mode
+    return ``{"out", "aux"}``): ``loss(out) + weight * loss(aux)``, the weighted aux term named
+    ``aux``. Logits alone (eval mode) give ``loss(logits)``.
+
+    The weight is a loss setting (``model.aux_weight`` in the config, next to ``model.aux_loss``
+    that adds the head); the builder wraps the run's loss in this when the model has the head.
+    """
+
+    def __init__(self, loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.loss, self.weight = loss, float(weight)
+        self.sigmoid = getattr(loss, "sigmoid", False)
+
+    def weighted_terms(self, outputs: Tensor | dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+        if not isinstance(outputs, dict):
+            return weighted_terms(self.loss, outputs, target)
+        terms = weighted_terms(self.loss, outputs["out"], target)
+        return {**terms, "aux": self.weight * self.loss(outputs["aux"], target)}
+
+    def forward(self, outputs: Tensor | dict[str, Tensor], target: Tensor) -> Tensor:
+        return sum(self.weighted_terms(outputs, target).values())

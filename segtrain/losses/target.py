@@ -3,7 +3,7 @@
 Every loss calls :func:`prepare_target` first, so shape and ignore-index handling is the
 same for all of them. Checking the target's *values* needs a read back to the host, so it
 is not done on the device in a training step: the data loader checks every batch on the
-CPU before the transfer (:class:`segtrain.data.MaskCheck`, with the same message,
+CPU before the transfer (:class:`segtrain.batches.MaskCheck`, with the same message,
 :func:`target_value_message`), and a loss called directly checks a CPU target itself
 (``SegLoss.check_targets``).
 """

@@ -7,9 +7,9 @@ a named weight must already be in the torch hub cache, else the error says where
 the file. Layers whose shape differs from the file (the class layers when
 ``num_classes`` differs) keep their random initialisation.
 
-In train mode a model with an auxiliary head returns ``{"out": logits, "aux": aux_logits}``
-and the trainer adds ``aux_weight`` times the loss of ``aux``; in eval mode it returns the
-logits only.
+In train mode a model with an auxiliary head (``aux_loss``) returns ``{"out": logits,
+"aux": aux_logits}``; in eval mode it returns the logits only. The aux term's weight is the
+loss side's (``losses.AuxiliaryHeadLoss``, weight ``model.aux_weight``): the model carries none.
 
 torchvision is imported inside the functions: importing it costs about 2 s, which every
 ``train.py`` start would pay, also with models that do not use it.
@@ -33,10 +33,9 @@ log = logging.getLogger(__name__)
 class TorchvisionSegmentation(nn.Module):
     """A torchvision segmentation model returning logits (eval) or ``{"out", "aux"}`` (train, with an aux head)."""
 
-    def __init__(self, model: nn.Module, aux_weight: float) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.aux_weight = float(aux_weight)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         output = self.model(images)
@@ -111,7 +110,6 @@ def build(
     weights: str | None,
     weights_backbone: str | None,
     aux_loss: bool,
-    aux_weight: float,
 ) -> TorchvisionSegmentation:
     # weights_backbone=None explicitly: torchvision's default would download ImageNet weights.
     from torchvision.models import segmentation
@@ -127,29 +125,29 @@ def build(
         load_weights(model.backbone, str(weights_backbone), backbone_builder, "model.weights_backbone", strip=("features.",))
     if in_channels != 3:
         adapt_first_conv(model.backbone, int(in_channels))
-    return TorchvisionSegmentation(model, aux_weight if aux_loss else 0.0)
+    return TorchvisionSegmentation(model)
 
 
 @MODELS.register("fcn_resnet50")
 def fcn_resnet50(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
-                 aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
+                 aux_loss: bool = True) -> TorchvisionSegmentation:
     """FCN with a ResNet-50 backbone (output stride 8)."""
-    return build("fcn_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
+    return build("fcn_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss)
 
 
 @MODELS.register("deeplabv3_resnet50")
 def deeplabv3_resnet50(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
-                       aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
+                       aux_loss: bool = True) -> TorchvisionSegmentation:
     """DeepLabV3 (ASPP head) with a ResNet-50 backbone (output stride 8)."""
-    return build("deeplabv3_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss, aux_weight)
+    return build("deeplabv3_resnet50", "resnet50", in_channels, out_channels, weights, weights_backbone, aux_loss)
 
 
 @MODELS.register("deeplabv3_mobilenet_v3_large")
 def deeplabv3_mobilenet_v3_large(in_channels: int, out_channels: int, weights: str | None = None, weights_backbone: str | None = None,
-                                 aux_loss: bool = True, aux_weight: float = 0.5) -> TorchvisionSegmentation:
+                                 aux_loss: bool = True) -> TorchvisionSegmentation:
     """DeepLabV3 with a MobileNetV3-Large backbone (output stride 16)."""
     return build("deeplabv3_mobilenet_v3_large", "mobilenet_v3_large", in_channels, out_channels, weights,
-                 weights_backbone, aux_loss, aux_weight)
+                 weights_backbone, aux_loss)
 
 
 @MODELS.register("lraspp_mobilenet_v3_large")
@@ -157,4 +155,4 @@ def lraspp_mobilenet_v3_large(in_channels: int, out_channels: int, weights: str 
                               weights_backbone: str | None = None) -> TorchvisionSegmentation:
     """Lite R-ASPP with a MobileNetV3-Large backbone; no auxiliary head."""
     return build("lraspp_mobilenet_v3_large", "mobilenet_v3_large", in_channels, out_channels, weights,
-                 weights_backbone, False, 0.0)
+                 weights_backbone, False)

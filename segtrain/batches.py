@@ -2,13 +2,13 @@
 (seed, epoch), so runs resume exactly, and the check of every batch's mask values."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 from torch.utils.data import DistributedSampler, default_collate
 
-from segtrain.losses.target import bad_target_values, target_value_message
 from segtrain.errors import MaskValueError
+from segtrain.losses.target import bad_target_values, target_value_message
 
 
 class EpochSampler(DistributedSampler):
@@ -34,21 +34,6 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-class SampleCache:
-    """Samples kept by index, for datasets whose sample ``i`` never changes (generated, or decoded
-    before augmentation). Each DataLoader worker process holds its own copy."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.entries: dict[int, Any] | None = {} if enabled else None
-
-    def get(self, index: int, make: Callable[[int], Any]) -> Any:
-        if self.entries is None:
-            return make(index)
-        if index not in self.entries:
-            self.entries[index] = make(index)
-        return self.entries[index]
 
 
 class MaskCheck:

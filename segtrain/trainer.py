@@ -131,16 +131,15 @@ class Trainer:
     ``run_dir`` (each holding ``config``, the resolved run config) and logs through ``run_log``."""
 
     def __init__(self, components: Components, settings: TrainerSettings, run_log: RunLog, run_dir: Path, config: dict[str, Any]) -> None:
-        self.sliding_window = sliding_window_from(settings.val_mode, settings.window, settings.stride)
-        self.components = components
+        device = components.device
+        self.components, self.settings, self.run_log, self.run_dir, self.config = components, settings, run_log, Path(run_dir), config
         self.model, self.loss_fn, self.optimizer, self.scheduler = components.model, components.loss_fn, components.optimizer, components.scheduler
-        self.train_loader, self.val_loader, self.device = components.train_loader, components.val_loader, components.device
-        self.settings, self.run_log, self.run_dir, self.config = settings, run_log, Path(run_dir), config
+        self.train_loader, self.val_loader, self.device = components.train_loader, components.val_loader, device
         self.state = TrainState()
-        self.batches_per_epoch = len(self.train_loader)  # before any mid-epoch skip shortens the sampler
-        device, model, val_loader = self.device, self.model, self.val_loader
+        self.batches_per_epoch = len(self.train_loader)  # before a mid-epoch resume shortens the sampler
+        self.sliding_window = sliding_window_from(settings.val_mode, settings.window, settings.stride)
         self.dtype = PRECISIONS[settings.precision]
-        # Autocast runs on CUDA; on the CPU only bf16 is supported by torch.
+        # Autocast runs on CUDA; on the CPU only bf16 is supported by torch. One context for training and validation.
         self.autocast_enabled = self.dtype != torch.float32 and (device.type == "cuda" or self.dtype == torch.bfloat16)
         if self.dtype == torch.float16 and device.type != "cuda":
             log.warning("trainer.precision=16 needs CUDA; training in float32 on the CPU")
@@ -150,12 +149,12 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last)
         if settings.compile:
             own_compiler_cache()
-        self.forward_model = torch.compile(model) if settings.compile else model
+        self.forward_model = torch.compile(self.model) if settings.compile else self.model
         self.warned_single_class = False
-        self.progress_label = ""  # "job 3 " under a multirun launcher (set by segtrain.run.make_trainer)
+        self.progress_label = ""  # "job 3 " under a multirun launcher (set by segtrain.run.train)
         self.first_speed, self.warned_contention = 0.0, False
         self.last_postfix = ""
-        self.samples = fixed_samples(val_loader.dataset, settings.log_images)  # the same ones at every validation
+        self.samples = fixed_samples(self.val_loader.dataset, settings.log_images)  # the same ones at every validation
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:

@@ -100,8 +100,8 @@ def test_default_config_composes_with_contract_keys():
         hydra_cfg = compose(config_name="train", return_hydra_config=True).hydra
     assert hydra_cfg.job.chdir is False
     dirs = OmegaConf.to_container(hydra_cfg, resolve=False)  # the templates, not today's date
-    assert dirs["run"]["dir"] == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
-    assert dirs["sweep"]["dir"] == "outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    assert dirs["run"]["dir"] == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}"  # microseconds: two launches in one second get two dirs
+    assert dirs["sweep"]["dir"] == "outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S-%f}"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])

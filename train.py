@@ -40,8 +40,10 @@ def main(cfg: DictConfig) -> float:
         log.error("%s at a step boundary; resume with: %s", stop, where)
         sys.exit(128 + stop.signum)  # 143 for SIGTERM, 130 for SIGINT: schedulers can requeue on these
     except USER_ERRORS as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise  # the traceback, as Hydra shows for any error under HYDRA_FULL_ERROR=1
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or segtrain.sweep.in_multirun():
+            # The traceback, as Hydra shows for any error under HYDRA_FULL_ERROR=1; in a sweep the
+            # sweeper records the failed job (Optuna: a failed trial) and goes on.
+            raise
         log.error("%s", error)
         sys.exit(1)
 

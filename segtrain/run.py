@@ -34,6 +34,8 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
         owner = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 holds it; spawned DDP workers never get here
         owned = checkpoint_path(cfg.resume).parent if cfg.get("resume") else Path(run_dir)
         with run_lock.owning(owned, resuming=bool(cfg.get("resume"))) if owner else contextlib.nullcontext():
+            if not cfg.get("resume"):
+                trainer_settings(cfg)  # before spawning DDP workers: a bad trainer key is one error, not one per rank
             if distributed.needs_spawn(cfg):  # device_list=[0,1,...] or trainer.cpu_processes=N: one DDP worker each
                 return distributed.launch(cfg, run_dir, train)
             if distributed.under_torchrun():

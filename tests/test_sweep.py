@@ -118,15 +118,17 @@ def test_parallel_jobs_never_share_a_device(tmp_path):
 @pytest.mark.slow  # a new process per job
 @needs_plugin("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher")
 def test_joblib_runs_ddp_jobs_in_parallel_and_a_failed_job_does_not_end_the_sweep(tmp_path):
-    # Each job is itself a 2-process DDP run spawned from inside a joblib (loky) worker.
-    process = sweep(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "trainer.cpu_processes=2", "trainer.accumulate=1,0")
+    # Each job is itself a 2-process DDP run spawned from inside a joblib (loky) worker; job 1's
+    # ranks fail in build() (trainer keys are checked before spawning, so a missing init_from file it is).
+    missing = tmp_path / "missing.pt"
+    process = sweep(tmp_path, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", "trainer.cpu_processes=2", f"+model.init_from=null,{missing}")
     rows = read_summary(tmp_path)
     assert [row["status"] for row in rows] == ["finished", "failed"], rows
-    assert rows[0]["trainer.accumulate"] == "1" and float(rows[0]["best_miou"]) >= 0
-    assert rows[1]["trainer.accumulate"] == "0" and not rows[1]["best_miou"]
-    assert rows[1]["error"].startswith("DistributedError: DDP rank") and "ZeroDivisionError" in rows[1]["error"], "the rank's own error"
-    assert "job 1 failed: DistributedError: DDP rank" in (tmp_path / "summary.md").read_text()
-    assert "ZeroDivisionError" in (tmp_path / "summary.md").read_text().split("job 1 failed:")[1].splitlines()[0]
+    assert float(rows[0]["best_miou"]) >= 0
+    assert not rows[1]["best_miou"]
+    assert rows[1]["error"].startswith("RankError: DDP rank") and f"model.init_from={missing}" in rows[1]["error"], "the rank's own error"
+    assert "job 1 failed: RankError: DDP rank" in (tmp_path / "summary.md").read_text()
+    assert "model.init_from" in (tmp_path / "summary.md").read_text().split("job 1 failed:")[1].splitlines()[0]
     assert "Joblib.Parallel(n_jobs=2" in process.stdout + process.stderr
 
 

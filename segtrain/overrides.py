@@ -55,8 +55,13 @@ def unknown_key_message(arguments: list[str], config_dir: Path = CONFIGS) -> str
         f"{key}={value.split(',')[0]}" for key, value in (argument.split("=", 1) for argument in overrides)
         if "." not in key and not key.startswith(("+", "~")) and (config_dir / key).is_dir()
     ]
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=choices)
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=choices)
+    except HydraException:  # a group option that does not exist (model=unett): Hydra's own message follows
+        return None
     for key in checked:
         if key.startswith("+"):  # adding a key: fine for a class's own parameters, not for the trainer's
             parts = key[1:].split(".")

@@ -119,3 +119,13 @@ def test_a_cpu_slowed_by_too_many_threads_says_so_once(monkeypatch, caplog):
         segtrain.trainer.Trainer.warn_if_cpu_contended(trainer, 20.0)
     assert caplog.text.count("training slowed to 30.0 images/s from 100.0 with load average 5.0 on 2 cores") == 1
     assert "OMP_NUM_THREADS" in caplog.text
+
+
+def test_an_unknown_group_option_with_a_dotted_key_is_hydras_one_message(tmp_path):
+    """The unknown-key pre-check leaves a missing option (model=unett) to Hydra's message, no traceback."""
+    from conftest import run_train_py
+
+    process = run_train_py([f"hydra.run.dir={tmp_path}", "model=unett", "model.width=4"])
+    output = process.stdout + process.stderr
+    assert process.returncode == 1 and "Traceback" not in output
+    assert "Could not find 'model/unett'" in output

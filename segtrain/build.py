@@ -70,7 +70,13 @@ def import_user_modules(modules: list[str] | None) -> None:
 
 
 def check_names(cfg: DictConfig) -> None:
-    """Fail before any work when a group names something no registry knows."""
+    """Fail before any work when a value is missing (``???``) or a group names something no registry knows."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if key.split(".")[0] in ("model", "dataset", "loss", "optimizer", "scheduler", "trainer"))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: no value (??? in the config); give {'it' if len(missing) == 1 else 'them'} on the command line "
+            f"or in your experiment file, e.g. {missing[0]}=..."
+        )
     import_user_modules(cfg.get("imports"))
     for group, registry in (("model", MODELS), ("dataset", DATASETS), ("loss", LOSSES)):
         node = cfg[group]

@@ -129,3 +129,13 @@ def test_an_unknown_group_option_with_a_dotted_key_is_hydras_one_message(tmp_pat
     output = process.stdout + process.stderr
     assert process.returncode == 1 and "Traceback" not in output
     assert "Could not find 'model/unett'" in output
+
+
+def test_a_value_left_at_question_marks_is_named(tmp_path):
+    """The folder template run unfilled: one line naming the keys without a value, not int('???')."""
+    from conftest import run_train_py
+
+    process = run_train_py([f"hydra.run.dir={tmp_path}", "experiment=folder_template"])
+    output = process.stdout + process.stderr
+    assert process.returncode == 1 and "Traceback" not in output
+    assert "dataset.num_classes, dataset.root: no value (??? in the config)" in output

@@ -131,6 +131,13 @@ def init_weights_from(model: nn.Module, path: Path, strict: bool) -> None:
     log.info("model.init_from=%s: loaded weights%s", path, f"; not loaded: {', '.join(skipped)}" if skipped else "")
 
 
+def weights_in(loaded: Any) -> Any:
+    """The weights of a segtrain checkpoint, or ``loaded`` itself (a bare state_dict from elsewhere)."""
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
+        return loaded["model"]
+    return loaded
+
+
 def stored_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The trainer state saved with the checkpoint (epoch, step, best mIoU, history)."""
     return checkpoint.get("state", {})

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from segtrain.build import Components
+from segtrain.checkpoint import stored_state
 from segtrain.errors import ConfigError, ExportError
 from segtrain.task import classes_from_logits
 from segtrain.visualize import resolve_palette
@@ -209,7 +210,7 @@ def describe(
     dataset_cfg = OmegaConf.to_container(run_cfg.dataset, resolve=True)
     trainer = OmegaConf.to_container(run_cfg.trainer, resolve=True)
     dims = len(train_size)
-    state = checkpoint.get("state", {})
+    state = stored_state(checkpoint)
     best = next((entry for entry in state.get("history", []) if entry.get("epoch") == state.get("best_epoch")), None)
     out_channels = components.out_channels
     sigmoid = out_channels == 1

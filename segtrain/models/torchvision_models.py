@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from segtrain.checkpoint import weights_in
 from segtrain.errors import ConfigError
 from segtrain.registry import MODELS
 
@@ -65,9 +66,7 @@ def weights_file(name: str, builder: str, key: str) -> Path:
 def load_weights(module: nn.Module, value: str, builder: str, key: str, strip: tuple[str, ...] = ()) -> None:
     """Load a state dict (weights name or file) into ``module``; entries whose shape differs are skipped and logged."""
     path = Path(value) if Path(value).is_file() else weights_file(value, builder, key)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a segtrain checkpoint
+    state = weights_in(torch.load(path, map_location="cpu", weights_only=True))  # a torchvision file or a segtrain checkpoint
     for prefix in strip:
         state = {k.removeprefix(prefix): v for k, v in state.items()}
     own = module.state_dict()

@@ -18,9 +18,9 @@ The two sides run at the same time, each pinned to its own core (``taskset -c 0`
   contract plus ``dataset.size=[176,240] dataset.batch_size=8``; isbi: ``dataset=isbi``),
   built and trained as ``segtrain.run.train`` does (``build``, ``make_trainer``,
   ``Trainer.fit``: DataLoader workers, checkpoints, TensorBoard and all). segtrain has no
-  time-budget key: a short calibration (3 timed training steps and 3 validation images,
-  not counted) sets ``trainer.max_epochs`` so that training and every epoch's validation
-  fit the budget, as a user would choose the epochs; the schedule then spans the run.
+  time-budget key: a calibration (two real epochs with their validations, not counted)
+  sets ``trainer.max_epochs`` so that training and every epoch's validation fit the budget,
+  as a user would choose the epochs; the schedule then spans the run.
 - **plain**: about 60 lines of PyTorch (``plain_worker``): whole images resized to the
   training size (masks nearest), per-channel mean/std of the training images, random
   horizontal flips, a depth-4 width-16 UNet (segtrain's ``UNet`` module: BatchNorm),
@@ -264,7 +264,7 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
     torch.set_num_threads(1)
     base = [*spec["overrides"], "device_list=[]", "trainer.progress_bar=false", *overrides]
     seconds_per_epoch, calibration = calibrate(base)
-    epochs = max(1, int(budget // seconds_per_epoch))
+    epochs = max(1, int((budget - calibration["first_extra"]) // seconds_per_epoch))
     cfg = compose_config([*base, f"trainer.max_epochs={epochs}"])
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
@@ -302,40 +302,27 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
 
 
 def calibrate(overrides: list[str]) -> tuple[float, dict[str, float]]:
-    """Seconds one epoch and its validation take: 3 training steps after one warm-up step, 3
-    validation images, scaled to the epoch's batches and the validation split."""
-    import torch
-
+    """Seconds one epoch with its validation takes, from two real epochs (``Trainer.fit`` with
+    ``trainer.max_epochs=2``: data, steps, validation, pictures, checkpoints): the second
+    epoch's time, and how much longer the first took (worker start, first allocations)."""
     from common import compose_config
     from segtrain.build import build
     from segtrain.host_memory import keep_freed_memory_for_cpu_training
-    from segtrain.trainer import evaluate
+    from segtrain.run import make_trainer
+    from segtrain.run_log import RunLog
 
-    cfg = compose_config([*overrides, "trainer.max_epochs=1"])
-    components, _ = build(cfg)
-    keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.keep_freed_memory))
-    model, loader = components.model, components.train_loader
-    model.train()
-    batches = iter(loader)
-    tick, step_times = time.perf_counter(), []
-    for index in range(min(4, len(loader))):
-        images, masks = next(batches)
-        tock = time.perf_counter()
-        loss = components.loss_fn(model(images), masks)
-        components.optimizer.zero_grad()
-        loss.backward()
-        components.optimizer.step()
-        if index:
-            step_times.append(time.perf_counter() - tock)
-    data_and_steps = (time.perf_counter() - tick) / min(4, len(loader))
-    step = sum(step_times) / max(len(step_times), 1) if step_times else data_and_steps
-    val_set = components.val_loader.dataset
-    subset = torch.utils.data.Subset(val_set, range(min(3, len(val_set))))
-    tick = time.perf_counter()
-    evaluate(model, components.loss_fn, torch.utils.data.DataLoader(subset, batch_size=1), components.device, components.num_classes, components.ignore_index)
-    val_per_image = (time.perf_counter() - tick) / len(subset)
-    epoch = max(step, data_and_steps) * len(loader) + val_per_image * len(val_set)
-    return epoch * 1.05, {"step": step, "val_per_image": val_per_image, "epoch": epoch}
+    cfg = compose_config([*overrides, "trainer.max_epochs=2"])
+    with tempfile.TemporaryDirectory() as run_dir:
+        components, run_cfg = build(cfg)
+        keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.keep_freed_memory))
+        run_log = RunLog(Path(run_dir), components.class_names, None, cfg.trainer.log_image_size)
+        trainer = make_trainer(cfg, components, run_cfg, Path(run_dir), run_log)
+        ends, validate = [time.perf_counter()], trainer.validate
+        trainer.validate = lambda epoch: (validate(epoch), ends.append(time.perf_counter()))[0]  # type: ignore[method-assign]
+        trainer.fit()
+        run_log.close()
+    first, second = ends[1] - ends[0], ends[2] - ends[1]
+    return second, {"first_epoch": first, "epoch": second, "first_extra": max(0.0, first - second)}
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -356,14 +343,16 @@ def run_pair(spec: dict[str, Any], budget: float, overrides: list[str], work: Pa
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else {0}
     pin = ["taskset", "-c"] if len(cores) >= 2 and subprocess.run(["which", "taskset"], capture_output=True).returncode == 0 else None
     processes, outputs = {}, {}
-    for core, side in enumerate(("segtrain", "plain")):
+    sides = ("segtrain", "plain") if repeat % 2 == 0 else ("plain", "segtrain")  # swap the cores every repeat
+    for core, side in enumerate(sides):
         outputs[side] = work / f"{spec['name']}_{side}_{repeat}.json"
         command = [sys.executable, __file__, "--worker", side, "--spec", str(spec_file), "--budget", str(budget), "--out", str(outputs[side]), *overrides]
         if pin:
             command = [*pin, str(sorted(cores)[core]), *command]
         processes[side] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = {}
-    for side, process in processes.items():
+    for side in ("segtrain", "plain"):
+        process = processes[side]
         try:
             log, _ = process.communicate(timeout=2 * budget + 180)
         except subprocess.TimeoutExpired:

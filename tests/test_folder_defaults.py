@@ -93,3 +93,12 @@ def test_train_py_stores_and_logs_auto_normalisation_and_predicts_at_the_input_s
     train_py(tmp_path / "predict_run", "mode=predict", f"resume={run_dir}", f"predict.input={tmp_path / 'data/images'}", f"predict.output={predicted}")
     with Image.open(predicted / "s0.png") as mask:
         assert mask.size == (48, 40), "a resized run predicts masks of the input's own size"
+
+
+def test_folder_defaults_resize_and_normalise_isbi_keeps_crops():
+    from conftest import compose_config
+
+    folder = compose_config(["dataset=folder"]).dataset
+    assert (folder.size_mode, folder.mean, folder.std) == ("resize", "auto", "auto")
+    isbi = compose_config(["dataset=isbi"]).dataset
+    assert isbi.size_mode == "crop" and list(isbi.mean) == [0.5]

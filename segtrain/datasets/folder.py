@@ -13,6 +13,7 @@ before training, so that a bad file is named at start-up, not in a worker mid-ep
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -299,13 +300,22 @@ def resolve_normalisation(
 
 def describe_size(size_mode: str, size: Any, first_image: Path | None) -> str:
     """The log line saying what dataset.size does to these images."""
-    wanted = "x".join(str(s) for s in ([size] * 2 if isinstance(size, int) else size))
-    found = ""
+    target = [int(size)] * 2 if isinstance(size, int) else [int(s) for s in size]
+    wanted = "x".join(map(str, target))
+    found, aspect = "", ""
     if first_image is not None and first_image.suffix.lower() not in VOLUME_EXTENSIONS:
         with Image.open(first_image) as image:
             found = f" (the first training image is {image.height}x{image.width})"
+            if len(target) == 2 and abs(math.log((image.width / image.height) / (target[1] / target[0]))) > 0.1:
+                aspect = (
+                    f"; this changes the aspect ratio: give dataset.size=[H,W] in the images' proportions "
+                    f"(e.g. [{target[0]},{round(target[0] * image.width / image.height)}]) or use dataset.size_mode=crop"
+                )
     if size_mode == "resize":
-        return f"dataset.size_mode=resize: whole images are resized to dataset.size={wanted}{found} for training and validation (masks nearest); val metrics are computed at that size"
+        return (
+            f"dataset.size_mode=resize: whole images are resized to dataset.size={wanted}{found} for training and validation "
+            f"(masks nearest); val metrics are computed at that size{aspect}"
+        )
     return f"dataset.size_mode=crop: training on random {wanted} crops at full resolution{found}; validation on whole images at full resolution"
 
 
@@ -359,6 +369,8 @@ def folder(
     elif split != "train" and "auto" in (mean, std):  # the statistics come from the training images
         train_pairs = pair_by_stem(root_path / train_images, root_path / train_masks, "train").pairs
     dims = 3 if pairs and pairs[0][0].suffix.lower() in VOLUME_EXTENSIONS else 2
+    if dims == 3 and size_mode == "resize":  # the 2D default; volumes have no resize step
+        size_mode = "crop"
     if split == "train" and size is not None:
         log.info(describe_size(size_mode, size, pairs[0][0] if pairs else None))
     channels = int(in_channels) if in_channels is not None else (image_channels(train_pairs[0][0]) if train_pairs else 3)

@@ -288,6 +288,9 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         run_cfg.loss = loss_cfg
         if run_cfg.dataset.get("in_channels") is None:
             run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
+        for key in ("mean", "std"):  # dataset.mean/std=auto: the numbers the run normalised with
+            if run_cfg.dataset.get(key) == "auto":
+                run_cfg.dataset[key] = getattr(train_set, key)
     components = Components(
         device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, out_channels, ignore_index,
         class_names, steps_per_epoch, total_steps,

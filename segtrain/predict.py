@@ -67,10 +67,12 @@ def predict_folder(
         batch.append((path, raw, preprocess(raw, in_channels, dataset)))
         following = files[index + 1] if index + 1 < len(files) else None
         full = len(batch) == batch_size or following is None
-        if not full and following is not None and read_image_shape(following) == batch[0][2].shape[1:]:
+        if not full and following is not None and read_image_shape(following) == batch[0][1].shape[1:]:
             continue
         images = torch.stack([tensor for _, _, tensor in batch]).to(device)
         logits = segment_logits(model, images, sliding_window)
+        if logits.shape[2:] != batch[0][1].shape[1:]:  # dataset.size_mode=resize: back to the images' own size
+            logits = torch.nn.functional.interpolate(logits, size=batch[0][1].shape[1:], mode="bilinear", align_corners=False)
         for (file, raw_image, _), classes in zip(batch, classes_from_logits(logits).cpu().numpy()):
             written += write_prediction(file, raw_image, classes, output_dir, palette)
         batch = []

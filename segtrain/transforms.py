@@ -6,9 +6,11 @@ and fills masks with the value given for ``tv_tensors.Mask`` (the ignore index),
 nothing here is a hand-written joint transform. Volumes (3D) get a random crop and
 flips along each axis (v2 has no 3D kernels).
 
-Training always brings samples to ``dataset.size`` with a random crop (padded where the
-image is smaller), so that they batch; ``dataset.augment`` adds steps after the crop.
-Validation only converts and normalises: it sees whole images.
+``dataset.size_mode`` says how samples are brought to ``dataset.size`` so that they batch:
+``crop`` takes a random crop at full resolution in training (padded where the image is
+smaller) and validates on whole images; ``resize`` scales whole images to ``dataset.size``
+(bilinear with antialiasing, masks nearest) in training and validation alike.
+``dataset.augment`` adds steps after the crop or resize.
 
 torchvision is imported inside the functions: it costs about 2 s at every ``train.py``
 start, which the generated datasets do not need.
@@ -38,6 +40,7 @@ PRESETS: dict[str, list[Any]] = {
     "strong": ["hflip", "vflip", {"scale": [0.5, 1.5]}, {"rotate": 15}, {"color_jitter": 0.3}],
 }
 STEPS = ("hflip", "vflip", "scale", "rotate", "color_jitter")
+SIZE_MODES = ("crop", "resize")
 
 
 def _step(name: str, arg: Any, fill: dict[type, int]) -> v2.Transform:
@@ -95,12 +98,18 @@ def build_transform(
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
     dims: int = 2,
+    size_mode: str = "crop",
 ) -> PairTransform:
-    """The paired transform of one split: training crops to ``size`` and augments;
-    validation converts and normalises only."""
+    """The paired transform of one split: training crops (``size_mode=crop``) or resizes
+    (``resize``) to ``size`` and augments; validation converts and normalises, and with
+    ``resize`` resizes to ``size`` too."""
     from torchvision import tv_tensors
     from torchvision.transforms import v2
 
+    if size_mode not in SIZE_MODES:
+        raise ConfigError(f"dataset.size_mode={size_mode}: use crop (random crops at full resolution) or resize (whole images scaled to dataset.size)")
+    if size_mode == "resize" and (dims == 3 or size is None):
+        raise ConfigError("dataset.size_mode=resize needs 2D images and a dataset.size; volumes are cropped (dataset.size_mode=crop)")
     steps = parse_steps(augment) if train else []
     if dims == 3:
         return VolumeTransform(size if train else None, [name for name, _ in steps], ignore_index, mean, std)
@@ -114,7 +123,10 @@ def build_transform(
         # Integer images (8 or 16 bit) to [0, 1] floats; masks stay int64 class indices.
         v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
     ]
-    if train and size is not None:
+    if size_mode == "resize":
+        # Whole images to exactly dataset.size, in both splits: masks are resized with nearest by v2.
+        pipeline.append(v2.Resize(_pair(size), antialias=True))
+    elif train and size is not None:
         pipeline.append(v2.RandomCrop(_pair(size), pad_if_needed=True, fill=fill))
     pipeline += [_step(name, arg, fill) for name, arg in steps]
     if mean is not None:

@@ -88,3 +88,13 @@ def test_export_smoke():
     assert [row["model"] for row in rows] == ["unet"]
     assert rows[0]["check passed"] == "yes" and rows[0]["fixed axes"] == "none"
     assert positive(rows[0]["torch ms"]) and positive(rows[0]["onnxruntime ms"])
+
+
+@pytest.mark.slow  # both sides train for a few seconds on each dataset: about 40 s on 2 cores
+def test_real_data_smoke():
+    """benchmarks/real_data.py --smoke: segtrain and the plain loop on a tiny generated folder set (and ISBI where present)."""
+    rows = table(run_benchmark("real_data.py"))
+    folder = [row for row in rows if row["data"] == "folder"]
+    assert [row["side"] for row in folder] == ["segtrain", "plain"]
+    for row in rows:
+        assert 0 <= float(row["best mIoU"]) <= 1 and int(row["validations"]) >= 1 and int(row["steps"]) >= 1, row

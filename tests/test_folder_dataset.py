@@ -52,8 +52,11 @@ def write_pairs(
 
 
 def folder_config(root: Path, *overrides: str):
+    # These tests were written for random crops and raw [0, 1] pixels; the defaults (resize, auto
+    # normalisation) have their own tests in test_folder_defaults.py.
     return compose_config(["dataset=folder", f"dataset.root={root}", "dataset.train_images=images", "dataset.train_masks=masks",
-                           "dataset.num_classes=2", "dataset.num_workers=0", "dataset.size=32", *FAST, *overrides])
+                           "dataset.num_classes=2", "dataset.num_workers=0", "dataset.size=32", "dataset.size_mode=crop",
+                           "dataset.mean=null", "dataset.std=null", *FAST, *overrides])
 
 
 def datasets(cfg):

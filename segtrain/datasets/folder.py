@@ -13,8 +13,11 @@ before training, so that a bad file is named at start-up, not in a worker mid-ep
 from __future__ import annotations
 
 import errno
+import logging
+import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,8 @@ from segtrain.datasets.sample_cache import SampleCache
 from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS
 from segtrain.transforms import PairTransform, build_transform
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LOSSY_EXTENSIONS = (".jpg", ".jpeg")  # fine for images; a mask's labels would be changed at every edge
@@ -240,6 +245,9 @@ class SegmentationFiles(Dataset):
             self.class_names = list(class_names)
         # dataset.in_channels=null: the first image decides; other files are converted to match.
         self.in_channels = int(in_channels) if in_channels is not None else (image_channels(pairs[0][0]) if pairs else 3)
+        # The normalisation applied (``dataset.mean/std=auto`` resolved), for config_resolved.yaml.
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -257,16 +265,89 @@ class SegmentationFiles(Dataset):
         return np.ascontiguousarray(image), mask
 
     def _channels(self, image: np.ndarray, path: Path) -> np.ndarray:
-        channels = image.shape[0]
-        if channels == self.in_channels:
-            return image
-        if channels == 1:
-            return np.repeat(image, self.in_channels, axis=0)
-        if self.in_channels == 1 and channels == 3:
-            weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *([1] * (image.ndim - 1)))
-            gray = (image.astype(np.float32) * weights).sum(0, keepdims=True)
-            return gray.astype(image.dtype) if image.dtype != np.float32 else gray
-        raise ValueError(f"{path}: {channels} channels, but dataset.in_channels={self.in_channels}")
+        return convert_channels(image, self.in_channels, path)
+
+
+def convert_channels(image: np.ndarray, in_channels: int, path: Path) -> np.ndarray:
+    """``image`` ``(C, ...)`` with ``in_channels`` channels: gray repeated, RGB to gray by luma."""
+    channels = image.shape[0]
+    if channels == in_channels:
+        return image
+    if channels == 1:
+        return np.repeat(image, in_channels, axis=0)
+    if in_channels == 1 and channels == 3:
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(3, *([1] * (image.ndim - 1)))
+        gray = (image.astype(np.float32) * weights).sum(0, keepdims=True)
+        return gray.astype(image.dtype) if image.dtype != np.float32 else gray
+    raise ValueError(f"{path}: {channels} channels, but dataset.in_channels={in_channels}")
+
+
+# Images at most read for ``dataset.mean/std=auto`` (evenly spaced over the training split): enough
+# for per-channel statistics, and a bound on the start-up time of large data sets.
+STATISTICS_IMAGES = 256
+_statistics: dict[tuple, tuple[list[float], list[float], int]] = {}  # per process: the train and val splits share one pass
+
+
+def channel_statistics(images: list[Path], in_channels: int) -> tuple[list[float], list[float], int]:
+    """Per-channel mean and std of ``images`` after scaling to [0, 1] as the transforms do
+    (8-bit / 255, 16-bit / 65535, float as is), and how many images were read."""
+    key = (tuple(images), in_channels)
+    if key in _statistics:
+        return _statistics[key]
+    chosen = [images[int(i)] for i in np.linspace(0, len(images) - 1, min(len(images), STATISTICS_IMAGES))] if images else []
+
+    def sums(path: Path) -> np.ndarray:
+        image = convert_channels(read_image(path), in_channels, path)
+        scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype, 1.0)
+        flat = image.reshape(in_channels, -1).astype(np.float64) / scale
+        return np.stack([flat.sum(1), (flat**2).sum(1), np.full(in_channels, flat.shape[1])])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PNG/JPEG decoding releases the GIL
+        total = sum(pool.map(sums, chosen), np.zeros((3, in_channels)))
+    count = np.maximum(total[2], 1)
+    mean = total[0] / count
+    std = np.sqrt(np.maximum(total[1] / count - mean**2, 0))
+    # A constant channel would divide by 0: leave its scale alone.
+    result = ([round(float(m), 4) for m in mean], [round(float(s), 4) if s > 1e-6 else 1.0 for s in std], len(chosen))
+    _statistics[key] = result
+    return result
+
+
+def resolve_normalisation(
+    mean: Any, std: Any, train_images: list[Path], in_channels: int, announce: bool = True
+) -> tuple[list[float] | None, list[float] | None]:
+    """``dataset.mean`` / ``dataset.std`` with ``auto`` replaced by the training images' statistics
+    (logged when ``announce``: once per run, by the training split)."""
+    if mean != "auto" and std != "auto":
+        return mean, std
+    auto_mean, auto_std, read = channel_statistics(train_images, in_channels)
+    if announce:
+        log.info(
+            "dataset.mean=%s, dataset.std=%s: normalising with per-channel mean %s, std %s (%d of the %d training images read, scaled to [0, 1])",
+            mean, std, auto_mean if mean == "auto" else mean, auto_std if std == "auto" else std, read, len(train_images),
+        )
+    return auto_mean if mean == "auto" else mean, auto_std if std == "auto" else std
+
+
+def describe_size(size_mode: str, size: Any, first_image: Path | None) -> str:
+    """The log line saying what dataset.size does to these images."""
+    target = [int(size)] * 2 if isinstance(size, int) else [int(s) for s in size]
+    wanted = "x".join(map(str, target))
+    found, aspect = "", ""
+    if first_image is not None and first_image.suffix.lower() not in VOLUME_EXTENSIONS:
+        with Image.open(first_image) as image:
+            found = f" (the first training image is {image.height}x{image.width})"
+            if len(target) == 2 and abs(math.log((image.width / image.height) / (target[1] / target[0]))) > 0.1:
+                aspect = (
+                    f"; this changes the aspect ratio: give dataset.size=[H,W] in the images' proportions "
+                    f"(e.g. [{target[0]},{round(target[0] * image.width / image.height)}]) or use dataset.size_mode=crop"
+                )
+    if size_mode == "resize":
+        return (
+            f"dataset.size_mode=resize: whole images are resized to dataset.size={wanted}{found} for training and validation "
+            f"(masks nearest); val metrics are computed at that size{aspect}"
+        )
+    return f"dataset.size_mode=crop: training on random {wanted} crops at full resolution{found}; validation on whole images at full resolution"
 
 
 def split_off(pairs: list[tuple[Path, Path]], fraction: float, seed: int) -> tuple[list, list]:
@@ -296,10 +377,11 @@ def folder(
     mask_values: list[Any] | None = None,
     size: int | list[int] | None = None,
     augment: str | list[Any] | None = "light",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
+    mean: list[float] | str | None = None,
+    std: list[float] | str | None = None,
     seed: int = 0,
     cache: bool = False,
+    size_mode: str = "crop",
 ) -> SegmentationFiles:
     """Your images and masks: see ``configs/dataset/folder.yaml`` for every key."""
     root_path = Path(root)
@@ -314,13 +396,23 @@ def folder(
         pairing = pair_by_stem(root_path / train_images, root_path / train_masks, "train")
     else:
         pairing = pair_by_stem(root_path / val_images, root_path / val_masks, "val")
-    pairs = pairing.pairs
+    pairs = train_pairs = pairing.pairs
     if val_images is None:
         train_pairs, val_pairs = split_off(pairs, val_fraction, seed)
         pairs = train_pairs if split == "train" else val_pairs
+    elif split != "train" and "auto" in (mean, std):  # the statistics come from the training images
+        train_pairs = pair_by_stem(root_path / train_images, root_path / train_masks, "train").pairs
     dims = 3 if pairs and pairs[0][0].suffix.lower() in VOLUME_EXTENSIONS else 2
-    transform = build_transform(split == "train", size, augment, ignore_index, mean, std, dims=dims)
-    return SegmentationFiles(
+    if dims == 3 and size_mode == "resize":  # the 2D default; volumes have no resize step
+        size_mode = "crop"
+    if split == "train" and size is not None:
+        log.info(describe_size(size_mode, size, pairs[0][0] if pairs else None))
+    channels = int(in_channels) if in_channels is not None else (image_channels(train_pairs[0][0]) if train_pairs else 3)
+    mean, std = resolve_normalisation(mean, std, [image for image, _ in train_pairs], channels, announce=split == "train")
+    transform = build_transform(split == "train", size, augment, ignore_index, mean, std, dims=dims, size_mode=size_mode)
+    dataset = SegmentationFiles(
         pairs, MaskEncoder(num_classes, ignore_index, mask_values), transform, in_channels, split,
         pairing.unpaired_images, pairing.unpaired_masks, class_names, cache,
     )
+    dataset.mean, dataset.std = mean, std
+    return dataset

@@ -1,0 +1,104 @@
+"""dataset.mean/std=auto and dataset.size_mode: what a run logs, stores and feeds the model."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from segtrain.checkpoint import load_checkpoint
+from segtrain.errors import ConfigError
+from test_folder_dataset import FAST, datasets, folder_config, write_pairs
+
+
+@pytest.fixture(autouse=True)
+def audit_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def pixel_statistics(folder):
+    """Per-channel mean and std over every pixel of the RGB images in ``folder``, in [0, 1]."""
+    pixels = np.concatenate([np.asarray(Image.open(path), np.float64).reshape(-1, 3) / 255 for path in sorted(folder.iterdir())])
+    return pixels.mean(0), pixels.std(0)
+
+
+def test_size_mode_resize_gives_dataset_size_in_both_splits_and_crop_keeps_whole_val_images(tmp_path, caplog):
+    write_pairs(tmp_path, count=5, size=(40, 48))
+    with caplog.at_level(logging.INFO, logger="segtrain.datasets.folder"):
+        train_set, val_set = datasets(folder_config(tmp_path, "dataset.mask_values=[0,255]", "dataset.size=[20,24]", "dataset.size_mode=resize"))
+    for image, mask in (train_set[0], val_set[0]):
+        assert image.shape == (1, 20, 24) and mask.shape == (20, 24)
+        assert set(mask.unique().tolist()) <= {0, 1}, "masks are resized with nearest: no new values"
+    # The bright square (class 1) keeps its share of the image: the whole image was scaled, not cropped.
+    _, full_mask = datasets(folder_config(tmp_path, "dataset.mask_values=[0,255]", "dataset.size_mode=crop"))[1][0]
+    assert abs(val_set[0][1].float().mean() - full_mask.float().mean()) < 0.05
+    assert "dataset.size_mode=resize: whole images are resized to dataset.size=20x24 (the first training image is 40x48)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segtrain.datasets.folder"):
+        train_set, val_set = datasets(folder_config(tmp_path, "dataset.mask_values=[0,255]", "dataset.size=[20,24]", "dataset.size_mode=crop"))
+    assert train_set[0][0].shape == (1, 20, 24) and val_set[0][0].shape == (1, 40, 48)
+    assert "dataset.size_mode=crop: training on random 20x24 crops at full resolution" in caplog.text
+
+
+def test_unknown_size_mode_names_the_key(tmp_path):
+    write_pairs(tmp_path, count=3)
+    with pytest.raises(ConfigError, match="dataset.size_mode=squash: use crop"):
+        datasets(folder_config(tmp_path, "dataset.mask_values=[0,255]", "dataset.size_mode=squash"))
+
+
+def test_mean_std_auto_come_from_the_training_images_only(tmp_path):
+    write_pairs(tmp_path / "data", "train/images", "train/masks", count=4, rgb=True)
+    write_pairs(tmp_path / "data", "val/images", "val/masks", count=2, rgb=True, seed=3)
+    # Much brighter validation images: statistics that included them would differ.
+    for path in (tmp_path / "data/val/images").iterdir():
+        Image.fromarray(np.full((40, 48, 3), 250, np.uint8)).save(path)
+    cfg = folder_config(
+        tmp_path / "data", "dataset.train_images=train/images", "dataset.train_masks=train/masks", "dataset.val_images=val/images",
+        "dataset.val_masks=val/masks", "dataset.mask_values=[0,255]", "dataset.mean=auto", "dataset.std=auto", "dataset.augment=none",
+        "dataset.size_mode=resize", "dataset.size=[40,48]",
+    )
+    train_set, val_set = datasets(cfg)
+    mean, std = pixel_statistics(tmp_path / "data/train/images")
+    assert np.allclose(train_set.mean, mean, atol=1e-3) and np.allclose(train_set.std, std, atol=1e-3)
+    assert val_set.mean == train_set.mean and val_set.std == train_set.std
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    assert torch.allclose(images.mean((0, 2, 3)), torch.zeros(3), atol=1e-3), "normalised training images have mean 0"
+    assert torch.allclose(images.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+
+
+def test_train_py_stores_and_logs_auto_normalisation_and_predicts_at_the_input_size(tmp_path, train_py):
+    write_pairs(tmp_path / "data", count=6, rgb=True, size=(40, 48))
+    mean, std = pixel_statistics(tmp_path / "data/images")  # 5 of the 6 images train; the held-out one shifts the numbers a little
+    run_dir = tmp_path / "run"
+    common = [
+        "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.train_images=images", "dataset.train_masks=masks",
+        "dataset.num_classes=2", "dataset.mask_values=[0,255]", "dataset.num_workers=0",
+    ]
+    process = train_py(
+        run_dir, *common, "dataset.size=[20,24]", "dataset.size_mode=resize", "dataset.mean=auto", "dataset.std=auto",
+        "dataset.batch_size=2", "trainer.max_epochs=1", *FAST,
+    )
+    resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())["dataset"]
+    assert len(resolved["mean"]) == 3 and len(resolved["std"]) == 3, resolved
+    assert np.allclose(resolved["mean"], mean, atol=0.05) and np.allclose(resolved["std"], std, atol=0.05)
+    stored = load_checkpoint(run_dir / "best.pt")["config"]["dataset"]
+    assert stored["mean"] == resolved["mean"] and stored["std"] == resolved["std"], "eval/predict reuse the numbers"
+    log = (run_dir / "train.log").read_text()
+    assert f"normalising with per-channel mean {resolved['mean']}, std {resolved['std']}" in log
+    assert "dataset.size_mode=resize: whole images are resized to dataset.size=20x24 (the first training image is 40x48)" in log
+    predicted = tmp_path / "predicted"
+    train_py(tmp_path / "predict_run", "mode=predict", f"resume={run_dir}", f"predict.input={tmp_path / 'data/images'}", f"predict.output={predicted}")
+    with Image.open(predicted / "s0.png") as mask:
+        assert mask.size == (48, 40), "a resized run predicts masks of the input's own size"
+
+
+def test_folder_defaults_resize_and_normalise_isbi_keeps_crops():
+    from conftest import compose_config
+
+    folder = compose_config(["dataset=folder"]).dataset
+    assert (folder.size_mode, folder.mean, folder.std) == ("resize", "auto", "auto")
+    isbi = compose_config(["dataset=isbi"]).dataset
+    assert isbi.size_mode == "crop" and list(isbi.mean) == [0.5]

@@ -1,0 +1,150 @@
+"""Runs that never lie (issue 16), through the real ``train.py``: trainer keys checked before any
+work, a stop request during validation, what resume may and may not change, where a resumed
+session logs, and a kill -9 loop that must end where an uninterrupted run ends."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_train_py
+from segtrain.checkpoint import load_checkpoint
+from test_user_errors import error_line
+
+QUICK = [*TINY, "trainer.max_epochs=1", "trainer.log_images=0"]
+
+
+def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file of a run dir with its size and modification time (the lock file aside)."""
+    return {
+        str(path.relative_to(run_dir)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(run_dir.rglob("*")) if path.is_file() and path.name != ".segtrain.lock"
+    }
+
+
+@pytest.mark.parametrize("setting", [
+    "trainer.val_every=0", "trainer.log_every=0", "trainer.accumulate=0", "trainer.ckpt_every_steps=0",
+    "trainer.max_epochs=0", "trainer.max_steps=0",
+])
+def test_a_trainer_key_out_of_range_stops_before_any_work(setting, tmp_path):
+    process = run_train_py([f"hydra.run.dir={tmp_path}", *QUICK, setting])
+    key, value = setting.split("=")
+    assert error_line(process).startswith(f"{key}={value}: must be a whole number >= 1")
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "last.pt").exists()
+
+
+def test_sigterm_during_validation_stops_within_seconds_and_resume_redoes_it(tmp_path):
+    """Validation made slow (sliding 8 px windows over 64 images): SIGTERM while it runs."""
+    run_dir = tmp_path / "run"
+    slow_validation = [*TINY, "trainer.max_epochs=2", "trainer.log_images=0", "dataset.val_samples=64",
+                       "trainer.val_mode=slide", "trainer.window=8", "trainer.stride=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *slow_validation],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, state = time.time() + 120, None
+    while time.time() < deadline and process.poll() is None:  # last.pt of epoch 1, written before its validation
+        if (run_dir / "last.pt").exists():
+            state = load_checkpoint(run_dir / "last.pt")["state"]
+            if state["pending_validation"] == 1:
+                break
+        time.sleep(0.05)
+    assert state is not None and state["pending_validation"] == 1, "never saw epoch 1's validation start"
+    time.sleep(0.5)  # well inside the validation
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert time.time() - sent < 10, "a stop during validation must not wait for the whole validation"
+    stopped = load_checkpoint(run_dir / "last.pt")["state"]
+    assert stopped["pending_validation"] == 1 and stopped["step"] == 6 and stopped["history"] == [], stopped
+    resumed = run_train_py([*slow_validation, f"resume={run_dir}"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [entry["epoch"] for entry in metrics["history"]] == [1, 2] and metrics["finished"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished one-epoch run with the default cosine schedule, and one with scheduler=none."""
+    root = tmp_path_factory.mktemp("finished")
+    for name, extra in (("cosine", []), ("constant", ["scheduler=none"])):
+        process = run_train_py([f"hydra.run.dir={root / name}", *QUICK, *extra])
+        assert process.returncode == 0, process.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=0.5", "optimizer.lr=0.5 (the checkpoint: 0.002)"),
+    ("scheduler=none", "scheduler=none (the checkpoint: cosine)"),
+    ("dataset.num_classes=3", "dataset.num_classes=3 (the checkpoint: 4)"),
+    ("trainer.max_epochs=2", "trainer.max_epochs=2 (the checkpoint: 1): scheduler=cosine with warmup_steps=50 lays its"),
+])
+def test_resume_refuses_what_it_would_not_apply_and_leaves_the_run_dir_alone(override, message, finished_run):
+    run_dir = finished_run / "cosine"
+    before = snapshot(run_dir)
+    process = run_train_py([*QUICK, override, f"resume={run_dir}"])
+    line = error_line(process)
+    assert message in line, line
+    assert "model.init_from=" in line, "the way to train on with other settings"
+    after = snapshot(run_dir)
+    assert {name: value for name, value in after.items() if name != "train.log"} == {
+        name: value for name, value in before.items() if name != "train.log"
+    }, "a refused resume changes nothing but the log"
+
+
+def test_resume_applies_a_longer_constant_schedule_and_logging_and_logs_into_the_run(finished_run, tmp_path):
+    """Started from another folder without hydra.run.dir: the session logs into the run's train.log
+    and no fresh outputs/<date>/<time>/ appears."""
+    run_dir = finished_run / "constant"
+    process = run_train_py([*QUICK, "scheduler=none", "trainer.max_epochs=2", "trainer.log_every=2", f"resume={run_dir}"], cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists(), "the resumed session made a run dir of its own"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["steps"] == 12 and metrics["finished"]
+    log = (run_dir / "train.log").read_text()
+    assert "applied from now on: trainer.max_epochs=2 (the checkpoint: 1), trainer.log_every=2 (the checkpoint: 1)" in log
+    assert "resuming from" in log
+
+
+@pytest.mark.slow  # several starts of train.py
+def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    common = [*TINY, "model.width=4", "trainer.deterministic=true", "trainer.max_epochs=3", "trainer.ckpt_every_steps=1",
+              "trainer.log_images=0", "dataset.train_samples=64"]
+    straight = run_train_py([f"hydra.run.dir={tmp_path / 'straight'}", *common])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run_dir, rng, kills = tmp_path / "killed", random.Random(16), 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for attempt in range(12):
+        args = [f"hydra.run.dir={run_dir}", *common] if attempt == 0 else [*common, f"resume={run_dir}"]
+        process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kills < 4:
+            deadline = time.time() + 120
+            while not (run_dir / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 2.5))  # start-up is about 3 s: some kills land in it, some mid-epoch or mid-save
+            if process.poll() is None:
+                process.kill()
+                kills += 1
+        process.wait(timeout=300)
+        metrics = run_dir / "metrics.json"
+        if process.returncode == 0 and metrics.exists() and json.loads(metrics.read_text())["finished"]:
+            break
+    else:
+        pytest.fail("the killed run never finished")
+    assert kills >= 3, "the loop must really kill the run several times"
+    assert not list(run_dir.glob(".*.tmp")), "temporaries of killed saves are cleaned at the next save"
+    expected, got = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight", run_dir))
+    assert [entry["mIoU"] for entry in got["history"]] == [entry["mIoU"] for entry in expected["history"]]
+    assert got["steps"] == expected["steps"] and got["best_miou"] == expected["best_miou"]
+    weights = load_checkpoint(run_dir / "last.pt")["model"]
+    for key, value in load_checkpoint(tmp_path / "straight" / "last.pt")["model"].items():
+        assert torch.equal(weights[key], value), f"{key} differs after the kills"

@@ -52,6 +52,7 @@ class AuditReport:
     seconds: float = 0.0
     cached_files: int = 0
     warnings: list[str] = field(default_factory=list)
+    val_sizes: dict[tuple[int, ...], str] = field(default_factory=dict)  # each validation image size and one file of it
 
     @property
     def train_counts(self) -> torch.Tensor:
@@ -104,6 +105,10 @@ def audit(
         counts, ignored, value_problem = _count_classes(split, dataset.pairs, records, encoder)
         problems += value_problem
         report.files[split], report.pixel_counts[split], report.ignored_pixels[split] = len(dataset), counts, ignored
+        if split == "val":
+            for (image, _), record in zip(dataset.pairs, records):
+                if record.get("image_shape"):
+                    report.val_sizes.setdefault(tuple(record["image_shape"]), image.name)
         if split == "val" and val_batch_size > 1:
             sizes = {tuple(record["image_shape"]) for record in records if record.get("image_shape")}
             if len(sizes) > 1:

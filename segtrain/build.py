@@ -265,6 +265,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
         model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
     model = build_model(model_cfg, out_channels).to(device)
+    check_input_sizes(model, validation_sizes(dataset_cfg, val_set, report), cfg.trainer)
     model = wrap_model(model, device, bool(cfg.trainer.get("sync_bn", False)))  # DDP when torch.distributed runs
     log.info(
         "model: %s (%.2f M parameters, %d output channels for %d classes)",
@@ -296,6 +297,46 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         class_names, steps_per_epoch, total_steps,
     )
     return components, run_cfg
+
+
+def validation_sizes(dataset_cfg: dict[str, Any], val_set: Dataset, report: AuditReport | None) -> dict[tuple[int, ...], str]:
+    """The spatial sizes validation feeds the model, each with an example (a file, or what sets it)."""
+    size = dataset_cfg.get("size")
+    if dataset_cfg.get("size_mode") == "resize" and size is not None:
+        sizes = tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * 2
+        return {tuple(int(side) for side in sizes): "dataset.size (dataset.size_mode=resize)"}
+    if report is not None and report.val_sizes:
+        return dict(report.val_sizes)  # spatial sizes: (H, W), or (D, H, W) for volumes
+    image = torch.as_tensor(val_set[0][0])
+    return {tuple(image.shape[1:]): "the first validation sample"}
+
+
+def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], trainer_cfg: Any) -> None:
+    """Before the first step: every validation input must be large enough for the model (a UNet of
+    depth d pools d times: 2^d pixels a side); sizes that are no multiple of that are fine (the
+    decoder interpolates) and said once in the log. With sliding windows the windows are checked."""
+    multiple = getattr(model, "size_multiple", None)
+    if not multiple or not sizes:
+        return
+    if trainer_cfg.get("val_mode") == "slide" and trainer_cfg.get("window") is not None:
+        window = trainer_cfg.get("window")
+        sizes = {tuple(window) if isinstance(window, (list, tuple)) else (int(window),) * 2: "trainer.window"}
+    depth = int(math.log2(multiple))
+    small = [(shape, name) for shape, name in sizes.items() if min(shape) < multiple]
+    if small:
+        shape, name = min(small, key=lambda item: min(item[0]))
+        fits = max(0, int(math.log2(max(1, min(shape)))))
+        raise ConfigError(
+            f"validation input {'x'.join(map(str, shape))} ({name}) is smaller than 2^model.depth={multiple} pixels a side, "
+            f"which model.depth={depth} needs to pool {depth} times: use model.depth={fits} or less, larger images, "
+            "or trainer.val_mode=slide with a larger trainer.window"
+        )
+    odd = [shape for shape in sizes if any(side % multiple for side in shape)]
+    if odd:
+        log.info(
+            "validation inputs such as %s are not multiples of 2^model.depth=%d: the UNet interpolates its decoder "
+            "features to each skip's size (no padding)", "x".join(map(str, odd[0])), multiple,
+        )
 
 
 def resolve_class_names(dataset_cfg: dict[str, Any], train_set: Dataset) -> list[str]:

@@ -148,3 +148,30 @@ def test_kill_9_at_random_moments_then_resume_ends_as_an_uninterrupted_run(tmp_p
     weights = load_checkpoint(run_dir / "last.pt")["model"]
     for key, value in load_checkpoint(tmp_path / "straight" / "last.pt")["model"].items():
         assert torch.equal(weights[key], value), f"{key} differs after the kills"
+
+
+def test_validation_images_too_small_for_the_unet_stop_before_the_first_step(tmp_path):
+    """Issue 16: the audit's validation sizes against what the model takes, before any training."""
+    import numpy as np
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 2)):
+        for folder in ("images", "masks"):
+            (tmp_path / "data" / split / folder).mkdir(parents=True)
+        for index in range(count):
+            side = 6 if split == "val" and index == 1 else 12
+            Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(tmp_path / "data" / split / "images" / f"{index}.png")
+            Image.fromarray((np.arange(side * side).reshape(side, side) % 2).astype(np.uint8)).save(
+                tmp_path / "data" / split / "masks" / f"{index}.png")
+    folder = ["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.train_images=train/images",
+              "dataset.train_masks=train/masks", "dataset.val_images=val/images", "dataset.val_masks=val/masks",
+              "dataset.num_classes=2", "dataset.num_workers=0", "dataset.batch_size=2", "dataset.size=8",
+              "dataset.size_mode=crop", "model.width=4", "model.depth=3", *QUICK[:1], "trainer.max_epochs=1",
+              "trainer.progress_bar=false"]
+    line = error_line(run_train_py([f"hydra.run.dir={tmp_path / 'run'}", *folder]))
+    assert line.startswith("validation input 6x6 (1.png) is smaller than 2^model.depth=8 pixels a side"), line
+    assert "use model.depth=2 or less" in line
+    assert not (tmp_path / "run" / "last.pt").exists()
+    fits = run_train_py([f"hydra.run.dir={tmp_path / 'run2'}", *folder, "model.depth=2"])
+    assert fits.returncode == 0, fits.stderr[-3000:]
+    assert "validation inputs such as 6x6 are not multiples of 2^model.depth=4: the UNet interpolates" in (tmp_path / "run2" / "train.log").read_text()

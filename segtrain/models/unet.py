@@ -89,6 +89,12 @@ class UNet(nn.Module):
         self.pool = nn.MaxPool2d(2) if dims == 2 else nn.MaxPool3d(2)
         self.upsample_mode = "bilinear" if dims == 2 else "trilinear"
 
+    @property
+    def size_multiple(self) -> int:
+        """Inputs need at least this many pixels a side (``depth`` poolings by 2); other sizes than
+        multiples of it work: the decoder interpolates to each skip's size (no padding)."""
+        return 2**self.depth
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.dims + 2:
             raise ValueError(

@@ -315,21 +315,22 @@ def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], train
     """Before the first step: every validation input must be large enough for the model (a UNet of
     depth d pools d times: 2^d pixels a side); sizes that are no multiple of that are fine (the
     decoder interpolates) and said once in the log. With sliding windows the windows are checked."""
-    multiple = getattr(model, "size_multiple", None)
-    if not multiple or not sizes:
-        return
     if trainer_cfg.get("val_mode") == "slide" and trainer_cfg.get("window") is not None:
         window = trainer_cfg.get("window")
         sizes = {tuple(window) if isinstance(window, (list, tuple)) else (int(window),) * 2: "trainer.window"}
+    check_divisible_sizes(model, sizes)
+    multiple = getattr(model, "size_multiple", None)
+    if not multiple or not sizes:
+        return
     depth = int(math.log2(multiple))
     small = [(shape, name) for shape, name in sizes.items() if min(shape) < multiple]
     if small:
         shape, name = min(small, key=lambda item: min(item[0]))
-        fits = max(0, int(math.log2(max(1, min(shape)))))
+        fits = int(math.log2(max(1, min(shape))))  # a UNet has depth 1 at least: below 2 pixels no depth fits
         raise ConfigError(
             f"validation input {'x'.join(map(str, shape))} ({name}) is smaller than 2^model.depth={multiple} pixels a side, "
-            f"which model.depth={depth} needs to pool {depth} times: use model.depth={fits} or less, larger images, "
-            "or trainer.val_mode=slide with a larger trainer.window"
+            f"which model.depth={depth} needs to pool {depth} times: use " + (f"model.depth={fits} or less, " if fits >= 1 else "")
+            + f"larger images, or trainer.val_mode=slide with trainer.window={multiple} or more (smaller images are padded to it)"
         )
     odd = [shape for shape in sizes if any(side % multiple for side in shape)]
     if odd:
@@ -337,6 +338,25 @@ def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], train
             "validation inputs such as %s are not multiples of 2^model.depth=%d: the UNet interpolates its decoder "
             "features to each skip's size (no padding)", "x".join(map(str, odd[0])), multiple,
         )
+
+
+def check_divisible_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str]) -> None:
+    """segmentation_models_pytorch's architectures that need sides divisible by the encoder's output
+    stride (FPN, DeepLabV3Plus, ...; not its Unet) refuse other inputs in ``check_input_shape``: asked
+    here with each size, so a wrong one fails before the first step instead of at the first validation."""
+    check_input_shape = getattr(model, "check_input_shape", None)
+    if not callable(check_input_shape):
+        return
+    for shape, name in sizes.items():
+        try:
+            check_input_shape(torch.empty(1, 1, *shape, device="meta"))  # reads the shape only
+        except RuntimeError:
+            stride = getattr(getattr(model, "encoder", None), "output_stride", "its encoder's output stride")
+            raise ConfigError(
+                f"validation input {'x'.join(map(str, shape))} ({name}): model.arch={type(model).__name__} needs sides divisible "
+                f"by {stride}; use dataset.size_mode=resize with such a dataset.size, trainer.val_mode=slide with such a "
+                "trainer.window (smaller images are padded to it), or model.arch=Unet (any size)"
+            ) from None
 
 
 def resolve_class_names(dataset_cfg: dict[str, Any], train_set: Dataset) -> list[str]:

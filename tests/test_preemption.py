@@ -14,9 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from conftest import REPO, TINY, run_train_py
+import segtrain.run
+from conftest import REPO, TINY, compose_config, run_train_py
+from segtrain import trainer as trainer_module
+from segtrain.build import build, check_input_sizes
 from segtrain.checkpoint import load_checkpoint
+from segtrain.errors import ConfigError
+from segtrain.models.unet import UNet
+from test_folder_dataset import write_pairs
 from test_user_errors import error_line
 
 QUICK = [*TINY, "trainer.max_epochs=1", "trainer.log_images=0"]
@@ -93,7 +100,7 @@ def test_resume_refuses_what_it_would_not_apply_and_leaves_the_run_dir_alone(ove
     process = run_train_py([*QUICK, override, f"resume={run_dir}"])
     line = error_line(process)
     assert message in line, line
-    assert "model.init_from=" in line, "the way to train on with other settings"
+    assert f"+model.init_from={run_dir / 'last.pt'}" in line, "the way to train on with other settings"
     after = snapshot(run_dir)
     assert {name: value for name, value in after.items() if name != "train.log"} == {
         name: value for name, value in before.items() if name != "train.log"
@@ -175,3 +182,96 @@ def test_validation_images_too_small_for_the_unet_stop_before_the_first_step(tmp
     fits = run_train_py([f"hydra.run.dir={tmp_path / 'run2'}", *folder, "model.depth=2"])
     assert fits.returncode == 0, fits.stderr[-3000:]
     assert "validation inputs such as 6x6 are not multiples of 2^model.depth=4: the UNet interpolates" in (tmp_path / "run2" / "train.log").read_text()
+
+
+def test_a_failing_validation_leaves_last_pt_with_the_trained_epoch_and_resume_redoes_it(tmp_path, monkeypatch):
+    """last.pt is written before validation: a validation that raises (not a signal) loses no training."""
+    overrides = [*TINY, "model.width=4", "trainer.deterministic=true", "trainer.log_images=0"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    segtrain.run.train(compose_config(overrides), straight)
+
+    def evaluate_raises(*args, **kwargs):
+        raise RuntimeError("validation broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "evaluate", evaluate_raises)
+        with pytest.raises(RuntimeError, match="validation broke"):
+            segtrain.run.train(compose_config(overrides), broken)
+    state = load_checkpoint(broken / "last.pt")["state"]
+    assert (state["epoch"], state["batch"], state["step"]) == (2, 0, 6), "epoch 1's six steps are in last.pt"
+    assert state["pending_validation"] == 1 and state["history"] == [] and state["best_miou"] is None
+    assert not (broken / "best.pt").exists()
+
+    segtrain.run.train(compose_config([*overrides, f"resume={broken}"]), tmp_path / "unused")
+    expected, got = (json.loads((run / "metrics.json").read_text()) for run in (straight, broken))
+    assert [entry["epoch"] for entry in got["history"]] == [1, 2], "epoch 1 validated once, on resume"
+    assert [entry["mIoU"] for entry in got["history"]] == [entry["mIoU"] for entry in expected["history"]]
+    weights = load_checkpoint(broken / "last.pt")["model"]
+    for key, value in load_checkpoint(straight / "last.pt")["model"].items():
+        assert torch.equal(weights[key], value), f"{key} differs from the uninterrupted run"
+
+
+# --- validation sizes against the model, before the first step --------------------------------
+
+
+def whole(**trainer: object):
+    return OmegaConf.create({"val_mode": "whole", "window": None, **trainer})
+
+
+def test_validation_inputs_below_two_to_the_depth_are_refused_naming_file_and_fix():
+
+    model = UNet(1, 2, depth=3)
+    assert model.size_multiple == 8
+    with pytest.raises(ConfigError) as error:
+        check_input_sizes(model, {(16, 16): "big.png", (6, 9): "small.png", (7, 40): "thin.png"}, whole())
+    assert str(error.value) == (
+        "validation input 6x9 (small.png) is smaller than 2^model.depth=8 pixels a side, which model.depth=3 needs to pool "
+        "3 times: use model.depth=2 or less, larger images, or trainer.val_mode=slide with trainer.window=8 or more "
+        "(smaller images are padded to it)"
+    )
+    check_input_sizes(model, {(6, 9): "small.png"}, whole(val_mode="slide", window=8))  # padded up to the window: fine
+    with pytest.raises(ConfigError, match=r"validation input 4x4 \(trainer.window\) is smaller than 2\^model.depth=8"):
+        check_input_sizes(model, {(64, 64): "big.png"}, whole(val_mode="slide", window=4))
+    with pytest.raises(ConfigError, match=r"1x30 \(line.png\).*needs to pool 3 times: use larger images"):
+        check_input_sizes(model, {(1, 30): "line.png"}, whole())  # no depth fits a 1-pixel side
+
+
+def test_validation_sizes_that_are_no_multiple_are_said_once(caplog):
+
+    model = UNet(1, 2, depth=3)
+    with caplog.at_level("INFO", logger="segtrain.build"):
+        check_input_sizes(model, {(16, 24): "a.png", (64, 64): "b.png"}, whole())
+    assert not caplog.records, "multiples of 8: nothing to say"
+    with caplog.at_level("INFO", logger="segtrain.build"):
+        check_input_sizes(model, {(12, 20): "a.png", (13, 13): "b.png", (16, 16): "c.png"}, whole())
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "are not multiples of 2^model.depth=8: the UNet interpolates its decoder features" in lines[0]
+    assert "(no padding)" in lines[0]
+
+
+def test_validation_sizes_come_from_the_audit_the_resize_or_the_first_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEGTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    write_pairs(tmp_path / "data", count=5, size=(12, 20))
+    folder = ["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.train_images=images", "dataset.train_masks=masks",
+              "dataset.num_classes=2", "dataset.mask_values=[0,255]", "dataset.num_workers=0", "dataset.size=16",
+              "device_list=[]", "model.width=4", "model.depth=3"]
+    calls = []
+    monkeypatch.setattr("segtrain.build.check_input_sizes", lambda model, sizes, trainer: calls.append(sizes))
+    build(compose_config([*folder, "dataset.size_mode=crop"]))  # whole validation images at full size: the audit's
+    build(compose_config([*folder, "dataset.size_mode=resize"]))  # resized to dataset.size
+    build(compose_config([*TINY, "dataset.size=24"]))  # generated: the first validation sample
+    assert len(calls[0]) == 1 and list(calls[0]) == [(12, 20)] and calls[0][(12, 20)].endswith(".png")
+    assert calls[1] == {(16, 16): "dataset.size (dataset.size_mode=resize)"}
+    assert calls[2] == {(24, 24): "the first validation sample"}
+
+
+def test_smp_architectures_that_need_divisible_sizes_are_refused_before_the_first_step():
+    smp = pytest.importorskip("segmentation_models_pytorch", reason="the smp extra is not installed")
+
+    fpn = smp.FPN(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=2)
+    with pytest.raises(ConfigError, match=r"validation input 40x40 \(a.png\): model.arch=FPN needs sides divisible by 32"):
+        check_input_sizes(fpn, {(64, 64): "b.png", (40, 40): "a.png"}, whole())
+    check_input_sizes(fpn, {(40, 40): "a.png"}, whole(val_mode="slide", window=64))  # padded to 64x64 windows
+    unet = smp.Unet(encoder_name="resnet18", encoder_weights=None, in_channels=1, classes=2)
+    check_input_sizes(unet, {(40, 40): "a.png"}, whole())  # smp's Unet takes any size
+

@@ -279,9 +279,9 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
         val_seconds = [0.0]
         validate = trainer.validate
 
-        def timed_validate(epoch: int) -> dict[str, Any]:
+        def timed_validate(epoch: int, **kwargs: Any) -> dict[str, Any] | None:
             tick = time.perf_counter()
-            result = validate(epoch)
+            result = validate(epoch, **kwargs)
             val_seconds[0] += time.perf_counter() - tick
             history.append({"epoch": epoch, "step": trainer.state.step, "seconds": time.perf_counter() - start, "mIoU": result["mIoU"]})
             out.write_text(json.dumps({"history": history, "partial": True}))  # what a kill would leave
@@ -318,7 +318,7 @@ def calibrate(overrides: list[str]) -> tuple[float, dict[str, float]]:
         run_log = RunLog(Path(run_dir), components.class_names, None, cfg.trainer.log_image_size)
         trainer = make_trainer(cfg, components, run_cfg, Path(run_dir), run_log)
         ends, validate = [time.perf_counter()], trainer.validate
-        trainer.validate = lambda epoch: (validate(epoch), ends.append(time.perf_counter()))[0]  # type: ignore[method-assign]
+        trainer.validate = lambda epoch, **kwargs: (validate(epoch, **kwargs), ends.append(time.perf_counter()))[0]  # type: ignore[method-assign]
         trainer.fit()
         run_log.close()
     first, second = ends[1] - ends[0], ends[2] - ends[1]

@@ -274,7 +274,7 @@ def resume_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str] 
     Any other override that differs from the checkpoint is refused, naming both values: it
     would be written into the run's record while the run went on as before (an lr the restored
     optimizer overwrites, a schedule or epoch count the restored scheduler does not follow)."""
-    fresh_start = f"start a new run from these weights: model.init_from={cfg.resume} with your settings"
+    fresh_start = f"start a new run from these weights: +model.init_from={checkpoint_path(cfg.resume)} with your settings"
     run_cfg = config_from_checkpoint(
         cfg, stored, overrides, RESUME_KEYS, refuse=lambda key: True,
         refusal=(

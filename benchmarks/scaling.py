@@ -36,8 +36,8 @@ def epoch_seconds(overrides: list[str]) -> list[float]:
         trainer = make_trainer(cfg, components, run_cfg, Path(run_dir), run_log)
         validate, stamps = trainer.validate, [time.perf_counter()]
 
-        def stamped_validate(epoch: int) -> dict[str, Any]:
-            result = validate(epoch)
+        def stamped_validate(epoch: int, **kwargs: Any) -> dict[str, Any] | None:
+            result = validate(epoch, **kwargs)
             stamps.append(time.perf_counter())
             return result
 

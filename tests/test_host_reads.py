@@ -75,9 +75,9 @@ class StepRecorder:
         monkeypatch.setattr(_BaseDataLoaderIter, "__next__", loader_next)
         original_validate = segtrain.trainer.Trainer.validate
 
-        def validate(trainer, epoch):
+        def validate(trainer, epoch, **kwargs):
             with recorder.pause():
-                return original_validate(trainer, epoch)
+                return original_validate(trainer, epoch, **kwargs)
 
         monkeypatch.setattr(segtrain.trainer.Trainer, "validate", validate)
         original_make_trainer = segtrain.run.make_trainer

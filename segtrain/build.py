@@ -302,11 +302,12 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
 def validation_sizes(dataset_cfg: dict[str, Any], val_set: Dataset, report: AuditReport | None) -> dict[tuple[int, ...], str]:
     """The spatial sizes validation feeds the model, each with an example (a file, or what sets it)."""
     size = dataset_cfg.get("size")
-    if dataset_cfg.get("size_mode") == "resize" and size is not None:
+    resized = dataset_cfg.get("size_mode") == "resize" and size is not None
+    if report is not None and report.val_sizes and not (resized and all(len(shape) == 2 for shape in report.val_sizes)):
+        return dict(report.val_sizes)  # spatial sizes: (H, W), or (D, H, W) for volumes (which keep crops)
+    if resized:
         sizes = tuple(size) if isinstance(size, (list, tuple)) else (int(size),) * 2
         return {tuple(int(side) for side in sizes): "dataset.size (dataset.size_mode=resize)"}
-    if report is not None and report.val_sizes:
-        return dict(report.val_sizes)  # spatial sizes: (H, W), or (D, H, W) for volumes
     image = torch.as_tensor(val_set[0][0])
     return {tuple(image.shape[1:]): "the first validation sample"}
 
@@ -317,7 +318,9 @@ def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], train
     decoder interpolates) and said once in the log. With sliding windows the windows are checked."""
     if trainer_cfg.get("val_mode") == "slide" and trainer_cfg.get("window") is not None:
         window = trainer_cfg.get("window")
-        sizes = {tuple(window) if isinstance(window, (list, tuple)) else (int(window),) * 2: "trainer.window"}
+        window = OmegaConf.to_container(window) if OmegaConf.is_config(window) else window
+        dims = len(next(iter(sizes))) if sizes else 2
+        sizes = {tuple(int(side) for side in window) if isinstance(window, (list, tuple)) else (int(window),) * dims: "trainer.window"}
     check_divisible_sizes(model, sizes)
     multiple = getattr(model, "size_multiple", None)
     if not multiple or not sizes:

@@ -98,3 +98,14 @@ def test_real_data_smoke():
     assert [row["side"] for row in folder] == ["segtrain", "plain"]
     for row in rows:
         assert 0 <= float(row["best mIoU"]) <= 1 and int(row["validations"]) >= 1 and int(row["steps"]) >= 1, row
+
+
+def test_batchnorm_eval_smoke():
+    """benchmarks/batchnorm_eval.py --smoke: val mIoU with BatchNorm's running and re-estimated statistics."""
+    output = run_benchmark("batchnorm_eval.py")
+    rows = [line for line in output.splitlines() if line.startswith("{")]
+    assert rows, output
+    import json
+
+    for row in map(json.loads, rows):
+        assert 0 <= row["running"] <= 1 and 0 <= row["precise"] <= 1 and row["step"] >= 1, row

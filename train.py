@@ -50,7 +50,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv = segtrain.distributed.prepare_torchrun_argv(sys.argv)  # under torchrun: one run dir for all ranks; no -m
-    sys.argv = segtrain.overrides.resume_in_its_run_dir(sys.argv)  # resume: this session's log into the run's train.log
     unknown = segtrain.overrides.unknown_key_message(sys.argv[1:])  # a typo: one line, before Hydra's "+" hint
     if unknown:
         print(f"segtrain: {unknown}", file=sys.stderr)
@@ -60,4 +59,5 @@ if __name__ == "__main__":
     if problem:
         print(f"segtrain: {problem}", file=sys.stderr)
         sys.exit(1)
+    sys.argv = segtrain.run_lock.resume_in_its_run_dir(sys.argv)  # resume: this session's log into the run's train.log
     main()

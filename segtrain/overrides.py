@@ -75,22 +75,3 @@ def unknown_key_message(arguments: list[str], config_dir: Path = CONFIGS) -> str
             known = [f"{parent}.{name}" for name in node.keys()]
             return f"{key}: unknown key{did_you_mean(key, known)} (keys of {parent}: {', '.join(str(name) for name in node.keys())})"
     return None
-
-
-def resume_in_its_run_dir(argv: list[str]) -> list[str]:
-    """``python train.py resume=<run dir or checkpoint>`` (mode=train, one run, no ``hydra.run.dir``):
-    Hydra's run dir becomes the resumed run's, so this session's log is appended to its ``train.log``
-    rather than to a fresh ``outputs/<date>/<time>/``; ``hydra.output_subdir=null`` leaves the run's own
-    ``.hydra/`` record as it was."""
-    arguments = argv[1:]
-    if any(arg in ("-m", "--multirun") for arg in arguments) or any(split_override(arg)[0] == "hydra.run.dir" for arg in arguments):
-        return argv
-    given = dict(split_override(arg) for arg in arguments if "=" in arg)
-    if not given.get("resume") or given.get("mode", "train") != "train" or "${" in given["resume"]:
-        return argv
-    resume = Path(given["resume"])
-    run_dir = resume if resume.is_dir() else resume.parent
-    if not run_dir.is_dir():
-        return argv  # the missing checkpoint is reported by the run, with its key
-    quoted = str(run_dir).replace("\\", "\\\\").replace("'", "\\'")
-    return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]

@@ -34,9 +34,9 @@ def main(cfg: DictConfig, run_dir: str | Path) -> float:
         owner = os.environ.get("RANK", "0") == "0"  # torchrun: rank 0 holds it; spawned DDP workers never get here
         owned = checkpoint_path(cfg.resume).parent if cfg.get("resume") else Path(run_dir)
         with run_lock.owning(owned, resuming=bool(cfg.get("resume"))) if owner else contextlib.nullcontext():
-            if not cfg.get("resume"):
-                trainer_settings(cfg)  # before spawning DDP workers: a bad trainer key is one error, not one per rank
             if distributed.needs_spawn(cfg):  # device_list=[0,1,...] or trainer.cpu_processes=N: one DDP worker each
+                if not cfg.get("resume"):
+                    trainer_settings(cfg)  # before spawning: a bad trainer key is one error, not one per rank
                 return distributed.launch(cfg, run_dir, train)
             if distributed.under_torchrun():
                 with distributed.process_group(cfg):
@@ -137,9 +137,11 @@ def trainer_settings(cfg: DictConfig) -> TrainerSettings:
     return settings
 
 
-def make_trainer(cfg: DictConfig, components: Components, run_cfg: DictConfig, run_dir: Path, run_log: Any) -> Trainer:
+def make_trainer(
+    cfg: DictConfig, components: Components, run_cfg: DictConfig, run_dir: Path, run_log: Any, settings: TrainerSettings | None = None
+) -> Trainer:
     config = OmegaConf.to_container(run_cfg, resolve=True)
-    return Trainer(components, trainer_settings(cfg), run_log, run_dir, config)
+    return Trainer(components, settings or trainer_settings(cfg), run_log, run_dir, config)
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
@@ -157,11 +159,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             checkpoint = load_checkpoint(path, "resume")
             run_dir = path.parent
             cfg = resume_config(cfg, stored_config(checkpoint), job_overrides())
-        trainer_settings(cfg)  # every trainer key checked before any work
+        settings = trainer_settings(cfg)  # every trainer key checked before any work
         components, run_cfg = build(cfg)
         # A CPU setting, made here rather than in build(): it changes the whole process's allocator.
         keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.get("keep_freed_memory", True)))
-        trainer = make_trainer(cfg, components, run_cfg, run_dir, SilentRunLog())
+        trainer = make_trainer(cfg, components, run_cfg, run_dir, SilentRunLog(), settings)
         if checkpoint is not None:
             trainer.load(checkpoint)  # a checkpoint that does not fit fails here, before anything is written
             if distributed.is_main():

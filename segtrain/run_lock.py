@@ -137,18 +137,44 @@ def preflight_message(argv: list[str]) -> str | None:
         return problem
     if os.environ.get("RANK", "0") not in ("", "0"):
         return None  # torchrun's other ranks share rank 0's run dir, which rank 0 may hold already
-    given = dict(arg.lstrip("+").partition("=")[::2] for arg in argv if "=" in arg)
+    given = given_values(argv)
     busy = []
     if key == "hydra.run.dir" and "${" not in given.get(key, "${"):
         busy.append((Path(given[key]), False))
-    if given.get("resume") and given.get("mode", "train") == "train" and "${" not in given["resume"]:
-        resume = Path(given["resume"])
-        busy.append((resume if resume.is_dir() else resume.parent, True))
+    resumed = resumed_run_dir(given)
+    if resumed is not None:
+        busy.append((resumed, True))
     for run_dir, resuming in busy:
         record = holder(run_dir)
         if record is not None:
             return _busy_message(run_dir, record, resuming)
     return None
+
+
+def given_values(argv: list[str]) -> dict[str, str]:
+    """The command line's ``key=value`` overrides (``+``/``~`` prefixes dropped)."""
+    return dict(arg.lstrip("+~").partition("=")[::2] for arg in argv if "=" in arg and not arg.startswith("-"))
+
+
+def resumed_run_dir(given: dict[str, str]) -> Path | None:
+    """The run dir that ``resume=<run dir or checkpoint>`` continues (mode=train), or None."""
+    if not given.get("resume") or given.get("mode", "train") != "train" or "${" in given["resume"]:
+        return None
+    resume = Path(given["resume"])
+    return resume if resume.is_dir() else resume.parent
+
+
+def resume_in_its_run_dir(argv: list[str]) -> list[str]:
+    """``python train.py resume=<run dir or checkpoint>`` (one run, no ``hydra.run.dir``): Hydra's run dir
+    becomes the resumed run's, so this session's log is appended to its ``train.log`` rather than to a
+    fresh ``outputs/<date>/<time>/``; ``hydra.output_subdir=null`` leaves the run's ``.hydra/`` as it was."""
+    arguments = argv[1:]
+    given = given_values(arguments)
+    resumed = resumed_run_dir(given)
+    if any(arg in ("-m", "--multirun") for arg in arguments) or "hydra.run.dir" in given or resumed is None or not resumed.is_dir():
+        return argv  # a missing checkpoint is reported by the run, with its key
+    quoted = str(resumed).replace("\\", "\\\\").replace("'", "\\'")
+    return [*argv, f"hydra.run.dir='{quoted}'", "hydra.output_subdir=null"]
 
 
 # --- the lock file -------------------------------------------------------------------------

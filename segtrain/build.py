@@ -10,7 +10,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra.utils
 import numpy as np
@@ -27,6 +27,7 @@ from segtrain.devices import resolve_device
 from segtrain.distributed import ShardSampler, world, wrap_model
 from segtrain.errors import ConfigError
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
+from segtrain.schedules import TimeBudget, build_scheduler, parse_seconds
 from segtrain.task import output_channels
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Components:
     class_names: list[str]
     steps_per_epoch: int  # optimizer steps in one epoch (batches / trainer.accumulate, rounded up)
     total_steps: int  # trainer.max_steps, or max_epochs x steps_per_epoch
+    time_budget: TimeBudget | None = None  # trainer.max_time (null: none); the scheduler follows it too
 
 
 def seed_everything(seed: int) -> None:
@@ -212,32 +214,6 @@ def build_model(model_cfg: dict[str, Any], out_channels: int) -> nn.Module:
     return model
 
 
-def build_scheduler(
-    scheduler_cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """A torch scheduler stepped once per optimizer step, with an optional linear warm-up."""
-    params = dict(scheduler_cfg)
-    name = params.pop("name")
-    # A short run keeps most of its steps for the schedule: warm-up takes at most a fifth of it.
-    warmup_steps = min(int(params.pop("warmup_steps", 0) or 0), total_steps // 5)
-    decay_steps = max(1, total_steps - warmup_steps)
-    schedules: dict[str, Callable[[], torch.optim.lr_scheduler.LRScheduler]] = {
-        "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, decay_steps, eta_min=params.get("min_lr", 0.0)),
-        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(optimizer, decay_steps, power=params.get("power", 0.9)),
-        "step": lambda: torch.optim.lr_scheduler.StepLR(
-            optimizer, max(1, int(params.get("step_epochs", 10)) * steps_per_epoch), gamma=params.get("gamma", 0.1)
-        ),
-    }
-    if name not in schedules:
-        raise ConfigError(f"scheduler={name}: unknown scheduler; known: {', '.join(sorted(schedules))}")
-    schedule = schedules[name]()
-    if warmup_steps <= 0:
-        return schedule
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, schedule], milestones=[warmup_steps])
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
@@ -283,7 +259,9 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     steps_per_epoch = max(1, math.ceil(len(train_loader) / int(cfg.trainer.get("accumulate", 1))))
     max_steps = cfg.trainer.max_steps
     total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch
-    scheduler = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total_steps, steps_per_epoch)
+    max_time = parse_seconds(cfg.trainer.get("max_time"))
+    budget = TimeBudget(max_time) if max_time is not None else None
+    scheduler = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total_steps, steps_per_epoch, budget)
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.loss = loss_cfg
@@ -294,7 +272,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
                 run_cfg.dataset[key] = getattr(train_set, key)
     components = Components(
         device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, out_channels, ignore_index,
-        class_names, steps_per_epoch, total_steps,
+        class_names, steps_per_epoch, total_steps, budget,
     )
     return components, run_cfg
 

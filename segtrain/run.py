@@ -190,6 +190,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
 
             trainer.progress_label = f"job {HydraConfig.get().job.num} "
         log.info("run dir: %s; %d optimizer steps", run_dir, components.total_steps)
+        if components.time_budget is not None:
+            log.info(
+                "trainer.max_time: training stops after %d steps or %.0f s, whichever comes first (validations count; the last is "
+                "expected to fit); scheduler=%s follows the further along, so the learning rate depends on the machine's speed "
+                "and the run is not reproducible step for step",
+                components.total_steps, components.time_budget.seconds, cfg.scheduler.get("name"),
+            )
         processes = distributed.world().size
         if processes > 1:
             log.info(
@@ -264,7 +271,7 @@ def inference_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[st
 # (model, data, loss, optimizer, schedule, batch size, seed) is the checkpoint's: a resumed run is the
 # run it was, or it is refused.
 RESUME_KEYS = (
-    "trainer.max_epochs", "trainer.max_steps", "dataset.root", "dataset.num_workers", "dataset.val_batch_size",
+    "trainer.max_epochs", "trainer.max_steps", "trainer.max_time", "dataset.root", "dataset.num_workers", "dataset.val_batch_size",
     "trainer.log_every", "trainer.val_every", "trainer.progress_bar", "trainer.log_images", "trainer.log_image_size",
     "trainer.ckpt_every_steps", "trainer.max_bad_steps", "trainer.compile", "trainer.keep_freed_memory", "trainer.dist_timeout",
 )
@@ -285,7 +292,7 @@ def resume_config(cfg: DictConfig, stored: dict[str, Any], overrides: list[str] 
             f"or {fresh_start}"
         ),
     )
-    length = [(key, OmegaConf.select(run_cfg, key), OmegaConf.select(OmegaConf.create(stored), key)) for key in ("trainer.max_epochs", "trainer.max_steps")]
+    length = [(key, OmegaConf.select(run_cfg, key), OmegaConf.select(OmegaConf.create(stored), key)) for key in ("trainer.max_epochs", "trainer.max_steps", "trainer.max_time")]
     scheduler = run_cfg.scheduler
     if any(new != old for _, new, old in length) and not (scheduler.get("name") in ("none", "step") and not scheduler.get("warmup_steps")):
         changed = ", ".join(f"{key}={new} (the checkpoint: {old})" for key, new, old in length if new != old)

@@ -28,6 +28,7 @@ from segtrain.inference import SlidingWindow, segment_logits, sliding_window_fro
 from segtrain.losses import loss_terms
 from segtrain.metrics import ConfusionMatrix
 from segtrain.run_log import RunLog, system_scalars
+from segtrain.schedules import parse_seconds
 from segtrain.task import classes_from_logits
 from segtrain.visualize import fixed_samples
 
@@ -43,6 +44,7 @@ PRECISIONS = {"32": torch.float32, "bf16": torch.bfloat16, "16": torch.float16}
 class TrainerSettings:
     max_epochs: int = 5
     max_steps: int | None = None
+    max_time: float | str | None = None  # seconds or "HH:MM:SS" for the whole run; build makes Components.time_budget of it
     val_every: int = 1
     log_every: int = 10
     progress_bar: bool = True
@@ -63,6 +65,7 @@ class TrainerSettings:
     stride: int | list[int] | None = None  # slide: step between windows; null: half the window
 
     def __post_init__(self) -> None:
+        parse_seconds(self.max_time)  # a bad value is one ConfigError before any work
         self.precision = str(self.precision)  # `trainer.precision=32` on the command line arrives as an int
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision}: use one of {', '.join(PRECISIONS)}")
@@ -158,17 +161,20 @@ class Trainer:
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        """Train until ``max_epochs`` (or ``max_steps``), validating every ``val_every`` epochs."""
+        """Train until ``max_epochs`` (or ``max_steps``) or ``max_time``, whichever comes first,
+        validating every ``val_every`` epochs and after the last."""
         state, settings = self.state, self.settings
         self.session_start, self.wall_before = time.perf_counter(), state.wall_seconds
         with stop_signals() as received:
             if state.pending_validation is not None:  # resumed after a stop during validation: redo it
                 self.validate_pending(received)
-            while state.epoch <= self.max_epochs and not self.reached_max_steps():
+            self.track_time()
+            while state.epoch <= self.max_epochs and not self.reached_limit():
                 with self.out_of_memory_names("dataset.batch_size", self.train_loader.batch_size):
                     self.train_one_epoch(received)
+                trained = time.perf_counter()
                 finished_epoch = state.epoch
-                last = finished_epoch == self.max_epochs or self.reached_max_steps()
+                last = finished_epoch == self.max_epochs or self.reached_limit()
                 state.epoch, state.batch = state.epoch + 1, 0
                 if finished_epoch % settings.val_every == 0 or last:
                     state.pending_validation = finished_epoch
@@ -176,10 +182,12 @@ class Trainer:
                     self.save(improved=False)
                 if state.pending_validation is not None:
                     self.validate_pending(received)
+                    self.track_time(reserve=time.perf_counter() - trained)  # the next validation is expected to take as long
                 self.run_log.flush()
                 if received and not last:
                     self.stop(received["signum"])
         metrics = self.summary(finished=True)
+        log.info("stopped at %s after %d steps, %.0f s", metrics["stopped_by"], state.step, metrics["wall_seconds"])
         self.run_log.write_metrics(metrics)
         return metrics
 
@@ -238,6 +246,7 @@ class Trainer:
                 continue
             finite = None
             state.bad_steps_in_a_row = 0
+            self.track_time()  # before the scheduler steps: with trainer.max_time the rate follows the time used
             grad_norm = self.optimizer_step()
             state.step += 1
             if state.step % settings.log_every == 0:
@@ -248,7 +257,7 @@ class Trainer:
             if received:
                 self.count_throughput(images_seen, start)
                 self.stop(received["signum"])
-            if self.reached_max_steps():
+            if self.reached_limit():
                 break
         self.count_throughput(images_seen, start)
 
@@ -428,6 +437,30 @@ class Trainer:
     def reached_max_steps(self) -> bool:
         return self.settings.max_steps is not None and self.state.step >= self.settings.max_steps
 
+    def reached_limit(self) -> bool:
+        """``max_steps`` or ``max_time`` reached (``max_epochs`` is the loop's own bound)."""
+        budget = self.components.time_budget
+        return self.reached_max_steps() or (budget is not None and budget.exhausted())
+
+    def stopped_by(self) -> str:
+        budget = self.components.time_budget
+        if budget is not None and budget.exhausted():
+            return "max_time"
+        return "max_steps" if self.reached_max_steps() else "max_epochs"
+
+    def track_time(self, reserve: float | None = None) -> None:
+        """``trainer.max_time``: the seconds used so far (and, after a validation, the time set aside
+        for the next) into the time budget. Under DDP every process takes the largest value of any
+        (one small all_reduce per step, only with a budget), so all follow one schedule and stop together."""
+        budget = self.components.time_budget
+        if budget is None:
+            return
+        values = torch.tensor([self.wall_seconds(), budget.reserve if reserve is None else reserve], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            values = values.to(self.device)
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        budget.used, budget.reserve = values.tolist()
+
     def wall_seconds(self) -> float:
         return self.wall_before + time.perf_counter() - self.session_start
 
@@ -444,6 +477,8 @@ class Trainer:
             "train_seconds": state.train_seconds,
             "images_per_second": state.train_images / state.train_seconds if state.train_seconds > 0 else None,
             "skipped_steps": state.skipped_steps,
+            "max_time": self.components.time_budget.seconds if self.components.time_budget else None,
+            "stopped_by": self.stopped_by() if finished else None,
             "history": state.history,
             "finished": finished,
         }

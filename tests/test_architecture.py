@@ -12,7 +12,7 @@ LAYERS = [
     # facts and plain helpers: import nothing of segtrain (but errors)
     ["errors", "task", "metrics", "cache", "host_memory", "datasets.sample_cache"],
     # mechanics that know no config
-    ["registry", "devices", "transforms", "inference", "checkpoint", "visualize", "losses.target", "run_lock"],
+    ["registry", "devices", "transforms", "inference", "checkpoint", "visualize", "losses.target", "run_lock", "schedules"],
     # the registered parts and the loaders' pieces
     [
         "losses.base", "losses.build", "losses.classification", "losses.combined", "losses.dice", "losses.focal",

@@ -1,0 +1,120 @@
+"""Learning-rate schedules over a run, and the run's time budget (``trainer.max_time``).
+
+A run ends at whichever of its limits comes first: ``trainer.max_epochs`` (or ``max_steps``)
+or ``trainer.max_time``. The schedules that span the whole run (cosine, poly) follow the
+run's *progress*: the larger of the fraction of steps done and, with a time budget, the
+fraction of the budget used, so that the rate reaches its end when the run does. Without a
+time budget they are torch's own step schedulers (checkpoints of earlier runs resume as
+they were). With one, the learning rate depends on how fast the machine is: the run is not
+reproducible step for step, which the log says.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from segtrain.errors import ConfigError
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler
+
+
+def parse_seconds(value: Any, key: str = "trainer.max_time") -> float | None:
+    """``trainer.max_time`` as seconds: a number of seconds or ``"[[DD:]HH:]MM:SS"`` (Lightning's
+    notation); null for no budget."""
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        parts = value.strip().split(":")
+        try:
+            numbers = [float(part) for part in parts]
+        except ValueError:
+            numbers = []
+        if 1 <= len(numbers) <= 4 and all(number >= 0 for number in numbers):
+            seconds = sum(number * unit for number, unit in zip(reversed(numbers), (1, 60, 3600, 86400)))
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"{key}={value}: give seconds (e.g. {key}=300) or HH:MM:SS (e.g. {key}=00:05:00), or null for no time limit")
+    return seconds
+
+
+class TimeBudget:
+    """``trainer.max_time``: the seconds a run may take, all sessions of a resumed run together,
+    from the start of training (after the build and the data audit) and including validations.
+
+    The trainer sets ``used`` (seconds so far) after each optimizer step and ``reserve`` (what the
+    last validation took, with its checkpoints) after each validation; under DDP both are the
+    maximum over the processes, so that all of them see the same schedule and stop at the same
+    step. Training stops when ``used + reserve`` reaches the budget: the final validation is
+    expected to fit in it too.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.used = 0.0
+        self.reserve = 0.0
+
+    def fraction(self) -> float:
+        """How far the run is through its budget, 0..1 (the final validation's time set aside)."""
+        return min(1.0, self.used / max(self.seconds - self.reserve, 1e-9))
+
+    def exhausted(self) -> bool:
+        return self.used + self.reserve >= self.seconds
+
+
+def build_scheduler(
+    scheduler_cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
+    budget: TimeBudget | None = None,
+) -> Scheduler:
+    """A torch scheduler stepped once per optimizer step, with an optional linear warm-up.
+
+    ``total_steps`` is the run's length in steps; with a ``budget`` the cosine and poly curves
+    follow whichever of steps and time is further along."""
+    params = dict(scheduler_cfg)
+    name = params.pop("name")
+    # A short run keeps most of its steps for the schedule: warm-up takes at most a fifth of it.
+    warmup_steps = min(int(params.pop("warmup_steps", 0) or 0), total_steps // 5)
+    decay_steps = max(1, total_steps - warmup_steps)
+    schedules: dict[str, Callable[[], Scheduler]] = {
+        "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, decay_steps, eta_min=params.get("min_lr", 0.0)),
+        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(optimizer, decay_steps, power=params.get("power", 0.9)),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(
+            optimizer, max(1, int(params.get("step_epochs", 10)) * steps_per_epoch), gamma=params.get("gamma", 0.1)
+        ),
+    }
+    if name not in schedules:
+        raise ConfigError(f"scheduler={name}: unknown scheduler; known: {', '.join(sorted(schedules))}")
+    if budget is not None and name in CURVES:
+        schedule = progress_schedule(optimizer, CURVES[name](params), decay_steps, budget)
+    else:
+        schedule = schedules[name]()
+    if warmup_steps <= 0:
+        return schedule
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, schedule], milestones=[warmup_steps])
+
+
+# Learning rate as a function of the run's progress p in [0, 1] and the group's initial rate:
+# the closed forms of torch's CosineAnnealingLR and PolynomialLR.
+CURVES: dict[str, Callable[[dict[str, Any]], Callable[[float, float], float]]] = {
+    "cosine": lambda params: lambda p, lr: params.get("min_lr", 0.0) + (lr - params.get("min_lr", 0.0)) * (1 + math.cos(math.pi * p)) / 2,
+    "poly": lambda params: lambda p, lr: lr * (1 - p) ** params.get("power", 0.9),
+}
+
+
+def progress_schedule(optimizer: torch.optim.Optimizer, curve: Callable[[float, float], float], decay_steps: int, budget: TimeBudget) -> Scheduler:
+    """``curve`` over the larger of the steps' and the time budget's progress (plain functions:
+    LambdaLR stores nothing of them in its state_dict, and the budget's time is in the checkpoint's state)."""
+
+    def factor_for(initial_lr: float) -> Callable[[int], float]:
+        def factor(step: int) -> float:
+            progress = max(min(1.0, step / decay_steps), budget.fraction())
+            return curve(progress, initial_lr) / initial_lr if initial_lr else 0.0
+
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups])

@@ -139,6 +139,7 @@ class Trainer:
         self.model, self.loss_fn, self.optimizer, self.scheduler = components.model, components.loss_fn, components.optimizer, components.scheduler
         self.train_loader, self.val_loader, self.device = components.train_loader, components.val_loader, device
         self.state = TrainState()
+        self.session_start, self.wall_before = time.perf_counter(), 0.0  # fit() restarts the clock
         self.batches_per_epoch = len(self.train_loader)  # before a mid-epoch resume shortens the sampler
         self.sliding_window = sliding_window_from(settings.val_mode, settings.window, settings.stride)
         self.dtype = PRECISIONS[settings.precision]
@@ -367,6 +368,7 @@ class Trainer:
             self.forward_model, self.loss_fn, self.val_loader, self.device, components.num_classes, components.ignore_index,
             self.autocast_context, self.sliding_window,
             progress=f"{self.progress_label}val {epoch}" if self.settings.progress_bar else None, stop_requested=stop_requested,
+            keep=self.samples[0] if self.samples else None,
         )
         if metrics is None:
             return None
@@ -377,7 +379,7 @@ class Trainer:
         scalars.update({f"val/IoU/{name}": iou for name, iou in result["IoU"].items() if not math.isnan(iou)})
         self.run_log.scalars(state.step, scalars)
         self.run_log.confusion_matrix(state.step, metrics["confusion_matrix"])
-        self.log_predictions()
+        self.log_predictions(metrics["kept"])
         per_class = ", ".join(f"{name} {iou:.3f}" for name, iou in result["IoU"].items())
         log.info("epoch %d step %d: val loss %.4f, mIoU %.4f, acc %.4f (IoU: %s)", epoch, state.step, result["loss"], result["mIoU"], result["acc"], per_class)
         state.history.append(result)
@@ -390,14 +392,18 @@ class Trainer:
         return result
 
     @torch.no_grad()
-    def log_predictions(self) -> None:
-        """Picture the fixed validation samples with the current predictions (``val/predictions``)."""
+    def log_predictions(self, kept: dict[int, torch.Tensor]) -> None:
+        """Picture the fixed validation samples with the current predictions (``val/predictions``):
+        those validation kept (``kept``, by dataset index), others (another DDP process's shard) predicted here."""
         if self.samples is None:
             return
-        _, images, masks = self.samples
+        indices, images, masks = self.samples
         self.model.eval()  # the uncompiled model: a batch of another size would make torch.compile recompile
         with self.autocast_context():  # one sample at a time, as validation sees it: sizes may differ
-            predicted = [classes_from_logits(segment_logits(self.model, image[None].to(self.device), self.sliding_window))[0] for image in images]
+            predicted = [
+                kept[index] if index in kept else classes_from_logits(segment_logits(self.model, image[None].to(self.device), self.sliding_window))[0]
+                for index, image in zip(indices, images)
+            ]
         self.run_log.predictions(self.state.step, images, masks, predicted)
 
     def warn_if_single_class(self, metrics: dict[str, Any]) -> None:
@@ -496,16 +502,21 @@ def evaluate(
     sliding_window: SlidingWindow | None = None,
     progress: str | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    keep: list[int] | None = None,
 ) -> dict[str, Any] | None:
     """Validation loss (mean over samples) and metrics from one confusion matrix over the whole split.
 
     Whole images go through the model at once, or window by window with ``sliding_window``;
     ``progress`` labels a progress bar (None: no bar). ``stop_requested`` is asked before each
     batch; when it says so, None is returned at once (a scheduler's grace period is short).
+    The predicted classes of the dataset indices in ``keep`` come back under ``kept`` (on the
+    CPU; those of this process's shard), for the pictures: no second forward pass.
     """
     model.eval()
     confusion = ConfusionMatrix(num_classes, ignore_index, device)
     loss_sum, samples = torch.zeros((), device=device), 0
+    order = list(loader.sampler) if keep else []  # the dataset index of each validated sample, in order
+    kept: dict[int, torch.Tensor] = {}
     for images, masks in progress_bar(loader, progress or "", progress is not None, len(loader)):
         if stop_requested is not None and stop_requested():
             return None
@@ -514,14 +525,16 @@ def evaluate(
         with autocast():
             logits = segment_logits(model, images, sliding_window)
             loss_sum += loss_terms(loss_fn, logits, masks)[0].detach().float() * images.shape[0]
+        predicted = classes_from_logits(logits)
+        kept.update({order[samples + i]: predicted[i].cpu() for i in range(images.shape[0]) if keep and order[samples + i] in keep})
         samples += images.shape[0]
-        confusion.update(classes_from_logits(logits), masks)
+        confusion.update(predicted, masks)
     confusion.reduce_across_processes()
     loss_sum, samples = reduce_sum(loss_sum, samples)  # DDP: the mean over the whole split, not this process's shard
     predicted_classes = torch.nonzero(confusion.matrix.sum(0)).flatten().tolist()
     return {
         "loss": float(loss_sum) / max(samples, 1), **confusion.compute(), "predicted_classes": predicted_classes,
-        "confusion_matrix": confusion.matrix.cpu(),
+        "confusion_matrix": confusion.matrix.cpu(), "kept": kept,
     }
 
 

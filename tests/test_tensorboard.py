@@ -311,3 +311,31 @@ def test_a_browser_screenshot_of_the_real_tensorboard(sweep, tmp_path):
     for path in written:
         picture = np.asarray(Image.open(path).convert("L"), dtype=float)
         assert picture.shape == (1000, 1400) and picture.std() > 20, f"{path.name} looks blank"
+
+
+def test_pictures_reuse_the_validation_pass(tmp_path):
+    """The pictured samples' predictions come from validation itself: one forward pass per
+    validation image, and the same classes as predicting the sample alone."""
+    from conftest import TINY, compose_config
+    from segtrain.build import build
+    from segtrain.run import SilentRunLog, make_trainer
+    from segtrain.task import classes_from_logits
+
+    cfg = compose_config([*TINY, "dataset.val_samples=6", "+dataset.val_batch_size=4", "trainer.log_images=3"])
+    components, run_cfg = build(cfg)
+    pictured = {}
+
+    class Pictures(SilentRunLog):
+        def predictions(self, step, images, masks, predicted):
+            pictured.update(images=images, predicted=predicted)
+
+    trainer = make_trainer(cfg, components, run_cfg, tmp_path, Pictures())
+    forwards = []
+    components.model.register_forward_hook(lambda module, args, output: forwards.append(args[0].shape[0]))
+    trainer.validate(1)
+    assert sum(forwards) == 6, f"one forward pass per validation image, none for the pictures: {forwards}"
+    assert len(pictured["predicted"]) == 3
+    with torch.no_grad():
+        for image, predicted in zip(pictured["images"], pictured["predicted"]):
+            alone = classes_from_logits(components.model(image[None]))[0]
+            assert torch.equal(alone, predicted)

@@ -98,6 +98,18 @@ def system_scalars(device: torch.device) -> dict[str, float]:
     return {"system/gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9}
 
 
+def after_earlier_sessions(run_dir: Path) -> None:
+    """Wait (at most a second) until a new event file's name sorts after the run's earlier ones.
+
+    TensorBoard reads a run's event files in name order, and the name begins with the second it
+    was created (then host, pid and a per-process counter, compared as text: "10" < "9"). A resume
+    within the same second as the last session (in one process: a notebook, a test) would be read
+    first, and the earlier session's events would then overwrite the purge."""
+    stamps = [int(part) for part in (path.name.split(".")[3] for path in run_dir.glob("events.out.tfevents.*")) if part.isdigit()]
+    if stamps and max(stamps) >= int(time.time()):
+        time.sleep(max(0.0, max(stamps) + 1 - time.time()))
+
+
 class RunLog:
     """TensorBoard writer (event files in the run dir itself) plus the ``metrics.json`` summary.
 
@@ -121,6 +133,8 @@ class RunLog:
         self.image_size = image_size
         # Flushed at each validation and on close; flush_secs bounds staleness in between.
         # purge_step (on resume): TensorBoard drops events from that step on that an earlier session wrote.
+        if purge_step is not None:
+            after_earlier_sessions(self.run_dir)
         self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge_step, flush_secs=30)
         self.seconds += time.perf_counter() - start
 

@@ -53,6 +53,7 @@ class Components:
     class_names: list[str]
     steps_per_epoch: int  # optimizer steps in one epoch (batches / trainer.accumulate, rounded up)
     total_steps: int  # trainer.max_steps, or max_epochs x steps_per_epoch
+    val_every: int  # epochs between validations: trainer.val_every, or what `auto` chose (validation_cadence)
     time_budget: TimeBudget | None = None  # trainer.max_time (null: none); the scheduler follows it too
 
 
@@ -241,7 +242,8 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
         model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
     model = build_model(model_cfg, out_channels).to(device)
-    check_input_sizes(model, validation_sizes(dataset_cfg, val_set, report), cfg.trainer)
+    val_sizes = validation_sizes(dataset_cfg, val_set, report)
+    check_input_sizes(model, val_sizes, cfg.trainer)
     model = wrap_model(model, device, bool(cfg.trainer.get("sync_bn", False)))  # DDP when torch.distributed runs
     log.info(
         "model: %s (%.2f M parameters, %d output channels for %d classes)",
@@ -259,6 +261,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     steps_per_epoch = max(1, math.ceil(len(train_loader) / int(cfg.trainer.get("accumulate", 1))))
     max_steps = cfg.trainer.max_steps
     total_steps = int(max_steps) if max_steps is not None else int(cfg.trainer.max_epochs) * steps_per_epoch
+    val_every = validation_cadence(cfg.trainer, dataset_cfg, train_set, val_set, val_sizes, report)
     max_time = parse_seconds(cfg.trainer.get("max_time"))
     budget = TimeBudget(max_time) if max_time is not None else None
     scheduler = build_scheduler(OmegaConf.to_container(cfg.scheduler, resolve=True), optimizer, total_steps, steps_per_epoch, budget)
@@ -267,12 +270,13 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         run_cfg.loss = loss_cfg
         if run_cfg.dataset.get("in_channels") is None:
             run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
+        run_cfg.trainer.val_every = val_every  # auto: the number it chose
         for key in ("mean", "std"):  # dataset.mean/std=auto: the numbers the run normalised with
             if run_cfg.dataset.get(key) == "auto":
                 run_cfg.dataset[key] = getattr(train_set, key)
     components = Components(
         device, model, loss_fn, optimizer, scheduler, train_loader, val_loader, num_classes, out_channels, ignore_index,
-        class_names, steps_per_epoch, total_steps, budget,
+        class_names, steps_per_epoch, total_steps, val_every, budget,
     )
     return components, run_cfg
 
@@ -288,6 +292,53 @@ def validation_sizes(dataset_cfg: dict[str, Any], val_set: Dataset, report: Audi
         return {tuple(int(side) for side in sizes): "dataset.size (dataset.size_mode=resize)"}
     image = torch.as_tensor(val_set[0][0])
     return {tuple(image.shape[1:]): "the first validation sample"}
+
+
+# trainer.val_every=auto: validate every epoch unless that would spend more than about a fifth of
+# the time validating (validation pixels at most VAL_SHARE of an epoch's training cost).
+VAL_SHARE = 0.25
+
+
+def validation_cadence(
+    trainer_cfg: Any, dataset_cfg: dict[str, Any], train_set: Dataset, val_set: Dataset,
+    val_sizes: dict[tuple[int, ...], str], report: AuditReport | None,
+) -> int:
+    """``trainer.val_every``, with ``auto`` worked out from the pixels each side processes: an epoch
+    trains on ``len(train_set)`` samples of ``dataset.size`` (forward and backward, about 3 forward
+    passes), a validation runs one forward pass over every validation pixel (times the windows'
+    overlap with ``val_mode=slide``). Every epoch when validation costs at most ``VAL_SHARE`` of an
+    epoch (a folder set resized to ``dataset.size``: 0.14); else every k-th (ISBI's 6 whole 512x512
+    slices against 24 crops of 128: 1.3 epochs, k=6). Pixels, not seconds: the choice is the same on
+    every machine and in every session of a run."""
+    value = trainer_cfg.get("val_every", 1)
+    if value != "auto":
+        return int(value)  # TrainerSettings checked it
+    dims = len(next(iter(val_sizes))) if val_sizes else 2
+    size = dataset_cfg.get("size")
+    train_side = [int(side) for side in size] if isinstance(size, (list, tuple)) else [int(size)] * dims if size else None
+    resized = dataset_cfg.get("size_mode") == "resize" and train_side is not None
+    if report is not None and report.pixel_counts.get("val") is not None and not resized:
+        val_pixels = float(report.pixel_counts["val"].sum() + report.ignored_pixels["val"])  # every mask pixel of the split
+    else:
+        val_pixels = len(val_set) * float(np.mean([math.prod(shape) for shape in val_sizes])) if val_sizes else 0.0
+    per_sample = math.prod(train_side) if train_side else val_pixels / max(len(val_set), 1)
+    train_cost = 3.0 * len(train_set) * per_sample
+    if trainer_cfg.get("val_mode") == "slide":
+        window, stride = trainer_cfg.get("window"), trainer_cfg.get("stride")
+        window = [int(side) for side in window] if isinstance(window, (list, tuple)) or OmegaConf.is_config(window) else [int(window or 1)] * dims
+        stride = [int(side) for side in stride] if isinstance(stride, (list, tuple)) or OmegaConf.is_config(stride) else (
+            [int(stride)] * dims if stride else [max(1, side // 2) for side in window])
+        val_pixels *= math.prod(w / s for w, s in zip(window, stride))
+    ratio = val_pixels / max(train_cost, 1.0)
+    every = max(1, math.ceil(ratio / VAL_SHARE - 1e-9))
+    log.info(
+        "trainer.val_every=auto: validating every %d epoch%s (one validation costs about %.2f epochs of training: %.2g validation "
+        "pixels, one forward pass, against %d training samples of %s, forward and backward; every epoch would spend %.0f %% "
+        "of the time validating, every %d about %.0f %%)",
+        every, "" if every == 1 else "s", ratio, val_pixels, len(train_set), "x".join(map(str, train_side or ["whole"])),
+        100 * ratio / (1 + ratio), every, 100 * ratio / (every + ratio),
+    )
+    return every
 
 
 def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], trainer_cfg: Any) -> None:

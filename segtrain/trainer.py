@@ -45,7 +45,7 @@ class TrainerSettings:
     max_epochs: int = 5
     max_steps: int | None = None
     max_time: float | str | None = None  # seconds or "HH:MM:SS" for the whole run; build makes Components.time_budget of it
-    val_every: int = 1
+    val_every: int | str = 1  # or "auto": build decides (Components.val_every), the trainer reads that
     log_every: int = 10
     progress_bar: bool = True
     save_checkpoints: bool = True
@@ -70,14 +70,16 @@ class TrainerSettings:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision}: use one of {', '.join(PRECISIONS)}")
         # Checked before any work: a zero here used to end in ZeroDivisionError after a whole epoch.
-        counts = {"max_epochs": self.max_epochs, "val_every": self.val_every, "log_every": self.log_every, "accumulate": self.accumulate,
+        counts = {"max_epochs": self.max_epochs, "log_every": self.log_every, "accumulate": self.accumulate,
                   "max_bad_steps": self.max_bad_steps}
         optional = {"max_steps": self.max_steps, "ckpt_every_steps": self.ckpt_every_steps}
+        if self.val_every != "auto":
+            counts["val_every"] = self.val_every
         for key, value in [*counts.items(), *optional.items()]:
             if value is None and key in optional:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fix = "a whole number >= 1" + (" or null" if key in optional else "")
+                fix = "a whole number >= 1" + (" or null" if key in optional else " or auto" if key == "val_every" else "")
                 raise ConfigError(f"trainer.{key}={value}: must be {fix}")
 
 
@@ -177,7 +179,7 @@ class Trainer:
                 finished_epoch = state.epoch
                 last = finished_epoch == self.max_epochs or self.reached_limit()
                 state.epoch, state.batch = state.epoch + 1, 0
-                if finished_epoch % settings.val_every == 0 or last:
+                if finished_epoch % self.components.val_every == 0 or last:
                     state.pending_validation = finished_epoch
                 if settings.save_checkpoints:  # the epoch's training is safe before validation starts
                     self.save(improved=False)

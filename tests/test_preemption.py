@@ -52,7 +52,7 @@ def test_a_trainer_key_out_of_range_stops_before_any_work(setting, tmp_path):
 def test_sigterm_during_validation_stops_within_seconds_and_resume_redoes_it(tmp_path):
     """Validation made slow (sliding 8 px windows over 64 images): SIGTERM while it runs."""
     run_dir = tmp_path / "run"
-    slow_validation = [*TINY, "trainer.max_epochs=2", "trainer.log_images=0", "dataset.val_samples=64",
+    slow_validation = [*TINY, "trainer.max_epochs=2", "trainer.val_every=1", "trainer.log_images=0", "dataset.val_samples=64",
                        "trainer.val_mode=slide", "trainer.window=8", "trainer.stride=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={run_dir}", *slow_validation],

@@ -17,10 +17,10 @@ The two sides run at the same time, each pinned to its own core (``taskset -c 0`
 - **segtrain**: ``configs/train.yaml`` with only what a new user sets (folder: the folder
   contract plus ``dataset.size=[176,240] dataset.batch_size=8``; isbi: ``dataset=isbi``),
   built and trained as ``segtrain.run.train`` does (``build``, ``make_trainer``,
-  ``Trainer.fit``: DataLoader workers, checkpoints, TensorBoard and all). segtrain has no
-  time-budget key: a calibration (two real epochs with their validations, not counted)
-  sets ``trainer.max_epochs`` so that training and every epoch's validation fit the budget,
-  as a user would choose the epochs; the schedule then spans the run.
+  ``Trainer.fit``: DataLoader workers, checkpoints, TensorBoard and all), with
+  ``trainer.max_time`` set to the budget less the time its build took (the data audit and
+  ``auto`` mean/std: the plain loop's loading counts in its budget too) and
+  ``trainer.max_epochs`` out of the way; the cosine schedule follows the time.
 - **plain**: about 60 lines of PyTorch (``plain_worker``): whole images resized to the
   training size (masks nearest), per-channel mean/std of the training images, random
   horizontal flips, a depth-4 width-16 UNet (segtrain's ``UNet`` module: BatchNorm),
@@ -33,7 +33,7 @@ validates as it trains: segtrain as configured (whole images at full size with
 training size ("plain mIoU") and, for comparison with full-size validation, with its
 logits upsampled to the full-size masks ("full-size"). Time split: data (waiting on the
 loader), train (steps), val (validation, checkpoints and pictures), from the budget's
-start; start-up and the calibration are not counted.
+start (for segtrain: its build, with the audit, counts as data); Python and torch start-up are not counted.
 """
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def miou_of(matrix: Any) -> float:
 
 # --------------------------------------------------------------------------- segtrain
 def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: list[str]) -> None:
-    """segtrain's defaults as ``segtrain.run.train`` runs them, epochs fitted to the budget by a calibration."""
+    """segtrain's defaults as ``segtrain.run.train`` runs them, under ``trainer.max_time``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
     from omegaconf import OmegaConf
@@ -262,13 +262,14 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
     from segtrain.run_log import RunLog
 
     torch.set_num_threads(1)
-    base = [*spec["overrides"], "device_list=[]", "trainer.progress_bar=false", *overrides]
-    seconds_per_epoch, calibration = calibrate(base)
-    epochs = max(1, int((budget - calibration["first_extra"]) // seconds_per_epoch))
-    cfg = compose_config([*base, f"trainer.max_epochs={epochs}"])
+    cfg = compose_config([
+        *spec["overrides"], "device_list=[]", "trainer.progress_bar=false", "trainer.max_epochs=1000000", f"trainer.max_time={budget}",
+        *overrides,
+    ])
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         components, run_cfg = build(cfg)
+        components.time_budget.seconds = max(1.0, budget - (time.perf_counter() - start))  # the build's time counts, like the plain loop's loading
         keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.keep_freed_memory))
         (Path(run_dir) / "config_resolved.yaml").write_text(OmegaConf.to_yaml(run_cfg, resolve=True))
         run_log = RunLog(Path(run_dir), components.class_names, None, cfg.trainer.log_image_size)
@@ -294,36 +295,11 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
         total = time.perf_counter() - start
     data = timer.seconds
     result = {
-        "history": history, "steps": metrics["steps"], "epochs": epochs, "seconds": total, "calibration": calibration,
+        "history": history, "steps": metrics["steps"], "epochs": metrics["epochs"], "seconds": total, "stopped_by": metrics["stopped_by"],
         "time": {"data": data + setup, "train": total - setup - data - val_seconds[0], "val": val_seconds[0]},
-        "resolved": {key: OmegaConf.select(run_cfg, key) for key in ("dataset.mean", "dataset.std", "dataset.size_mode", "optimizer.lr", "model.depth")},
+        "resolved": {key: OmegaConf.select(run_cfg, key) for key in ("dataset.mean", "dataset.std", "dataset.size_mode", "optimizer.lr", "model.depth", "trainer.val_every")},
     }
     out.write_text(json.dumps(result, default=lambda value: OmegaConf.to_container(value) if OmegaConf.is_config(value) else str(value)))
-
-
-def calibrate(overrides: list[str]) -> tuple[float, dict[str, float]]:
-    """Seconds one epoch with its validation takes, from two real epochs (``Trainer.fit`` with
-    ``trainer.max_epochs=2``: data, steps, validation, pictures, checkpoints): the second
-    epoch's time, and how much longer the first took (worker start, first allocations)."""
-    from common import compose_config
-    from segtrain.build import build
-    from segtrain.host_memory import keep_freed_memory_for_cpu_training
-    from segtrain.run import make_trainer
-    from segtrain.run_log import RunLog
-
-    cfg = compose_config([*overrides, "trainer.max_epochs=2"])
-    with tempfile.TemporaryDirectory() as run_dir:
-        components, run_cfg = build(cfg)
-        keep_freed_memory_for_cpu_training(components.device.type, bool(cfg.trainer.keep_freed_memory))
-        run_log = RunLog(Path(run_dir), components.class_names, None, cfg.trainer.log_image_size)
-        trainer = make_trainer(cfg, components, run_cfg, Path(run_dir), run_log)
-        ends, validate = [time.perf_counter()], trainer.validate
-        trainer.validate = lambda epoch, **kwargs: (validate(epoch, **kwargs), ends.append(time.perf_counter()))[0]  # type: ignore[method-assign]
-        trainer.fit()
-        run_log.close()
-    first, second = ends[1] - ends[0], ends[2] - ends[1]
-    # The shorter of the two: on a shared machine one epoch may be slowed by other jobs (seen: 26 s, then 42 s).
-    return min(first, second), {"first_epoch": first, "epoch": second, "first_extra": max(0.0, first - second)}
 
 
 # --------------------------------------------------------------------------- the comparison

@@ -1,7 +1,7 @@
 """segtrain's defaults against a plain PyTorch loop on real-sized data, under one wall-clock budget.
 
     python benchmarks/real_data.py --budget 300                 # both datasets, the table in benchmarks/README.md
-    python benchmarks/real_data.py --dataset folder --budget 120 --repeats 2
+    python benchmarks/real_data.py --dataset folder --budget 120 --repeats 3     # seeds 0, 1, 2: the spread
     python benchmarks/real_data.py --dataset folder optimizer.lr=0.002   # segtrain side with config overrides
     python benchmarks/real_data.py --smoke                      # tiny sizes and budget (CI keeps it working)
 
@@ -161,7 +161,7 @@ def load_pairs(spec: dict[str, Any]) -> tuple[list, list]:
     return pair_by_stem(root / "train/images", root / "train/masks", "train").pairs, pair_by_stem(root / "val/images", root / "val/masks", "val").pairs
 
 
-def plain_worker(spec: dict[str, Any], budget: float, out: Path) -> None:
+def plain_worker(spec: dict[str, Any], budget: float, out: Path, seed: int = 0) -> None:
     """A plain PyTorch loop: resize, normalise, flip, UNet 16x4, AdamW 2e-3; validate every epoch."""
     import torch
     import torch.nn.functional as F
@@ -170,7 +170,7 @@ def plain_worker(spec: dict[str, Any], budget: float, out: Path) -> None:
     from segtrain.models.unet import UNet
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)  # the weights and the data order; the split is the same for every seed
     size, classes, ignore = spec["plain_size"], spec["num_classes"], spec["ignore_index"]
     ignore = -100 if ignore is None else ignore
 
@@ -249,7 +249,7 @@ def miou_of(matrix: Any) -> float:
 
 
 # --------------------------------------------------------------------------- segtrain
-def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: list[str]) -> None:
+def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: list[str], seed: int = 0) -> None:
     """segtrain's defaults as ``segtrain.run.train`` runs them, under ``trainer.max_time``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
@@ -264,7 +264,7 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
     torch.set_num_threads(1)
     cfg = compose_config([
         *spec["overrides"], "device_list=[]", "trainer.progress_bar=false", "trainer.max_epochs=1000000", f"trainer.max_time={budget}",
-        *overrides,
+        f"seed={seed}", "dataset.seed=0", *overrides,  # the seed changes the weights and the data order, not ISBI's split
     ])
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
@@ -323,7 +323,10 @@ def run_pair(spec: dict[str, Any], budget: float, overrides: list[str], work: Pa
     sides = ("segtrain", "plain") if repeat % 2 == 0 else ("plain", "segtrain")  # swap the cores every repeat
     for core, side in enumerate(sides):
         outputs[side] = work / f"{spec['name']}_{side}_{repeat}.json"
-        command = [sys.executable, __file__, "--worker", side, "--spec", str(spec_file), "--budget", str(budget), "--out", str(outputs[side]), *overrides]
+        command = [
+            sys.executable, __file__, "--worker", side, "--spec", str(spec_file), "--budget", str(budget), "--out", str(outputs[side]),
+            "--seed", str(repeat), *overrides,
+        ]
         if pin:
             command = [*pin, str(sorted(cores)[core]), *command]
         processes[side] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -359,7 +362,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=float, default=300.0, help="wall-clock seconds each side trains and validates")
     parser.add_argument("--dataset", choices=["isbi", "folder", "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each pair, for spreads")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each pair, run k with seed k on both sides (for spreads)")
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny data and budget: checks the code path, not the result")
     parser.add_argument("--worker", choices=["segtrain", "plain"], help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -370,9 +374,9 @@ def main() -> None:
         spec = json.loads(Path(args.spec).read_text())
         sys.path.insert(0, str(REPO))
         if args.worker == "plain":
-            plain_worker(spec, args.budget, Path(args.out))
+            plain_worker(spec, args.budget, Path(args.out), args.seed)
         else:
-            segtrain_worker(spec, args.budget, Path(args.out), args.overrides)
+            segtrain_worker(spec, args.budget, Path(args.out), args.overrides, args.seed)
         return
     if args.smoke:
         args.budget, args.repeats = 8.0, 1
@@ -397,10 +401,10 @@ def main() -> None:
             for repeat in range(args.repeats):
                 load = os.getloadavg()[0]
                 results = run_pair(spec, args.budget, args.overrides, work, repeat)
-                print(f"{name} run {repeat + 1}: load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
+                print(f"{name} run {repeat + 1} (seed {repeat}): load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
                 for side in ("segtrain", "plain"):
                     # --smoke checks the code path: a validation just past its tiny budget still counts.
-                    rows.append(rows_for(name, side, results[side], math.inf if args.smoke else args.budget))
+                    rows.append(rows_for(f"{name} (seed {repeat})", side, results[side], math.inf if args.smoke else args.budget))
                     print(f"  {side}: {json.dumps({k: v for k, v in results[side].items() if k != 'history'})}")
     print_table(
         ["data", "side", "best mIoU", "full-size", "largest fall", "curve (val mIoU)", "validations", "steps", "seconds", "time data / train / val (s)"],

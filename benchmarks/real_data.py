@@ -344,7 +344,7 @@ def run_pair(spec: dict[str, Any], budget: float, overrides: list[str], work: Pa
     return results
 
 
-def rows_for(name: str, side: str, result: dict[str, Any], budget: float) -> list[str]:
+def rows_for(name: str, seed: int, side: str, result: dict[str, Any], budget: float) -> list[str]:
     history = [entry for entry in result["history"] if entry["seconds"] <= budget * 1.05]
     curve = [entry["mIoU"] for entry in history]
     timing = result.get("time", {})
@@ -353,7 +353,7 @@ def rows_for(name: str, side: str, result: dict[str, Any], budget: float) -> lis
     shown = curve if len(curve) <= 12 else curve[:: math.ceil(len(curve) / 12)] + curve[-1:]
     full = f"{max(e['full_mIoU'] for e in history):.3f}" if history and "full_mIoU" in history[0] else "-"
     return [
-        name, side, f"{max(curve):.3f}" if curve else "-", full, f"{largest_fall(curve):.3f}", " ".join(f"{v:.2f}" for v in shown),
+        name, str(seed), side, f"{max(curve):.3f}" if curve else "-", full, f"{largest_fall(curve):.3f}", " ".join(f"{v:.2f}" for v in shown),
         str(len(history)), str(history[-1]["step"] if history else 0), f"{result.get('seconds', 0):.0f}", split,
     ]
 
@@ -404,10 +404,10 @@ def main() -> None:
                 print(f"{name} run {repeat + 1} (seed {repeat}): load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
                 for side in ("segtrain", "plain"):
                     # --smoke checks the code path: a validation just past its tiny budget still counts.
-                    rows.append(rows_for(f"{name} (seed {repeat})", side, results[side], math.inf if args.smoke else args.budget))
+                    rows.append(rows_for(name, repeat, side, results[side], math.inf if args.smoke else args.budget))
                     print(f"  {side}: {json.dumps({k: v for k, v in results[side].items() if k != 'history'})}")
     print_table(
-        ["data", "side", "best mIoU", "full-size", "largest fall", "curve (val mIoU)", "validations", "steps", "seconds", "time data / train / val (s)"],
+        ["data", "seed", "side", "best mIoU", "full-size", "largest fall", "curve (val mIoU)", "validations", "steps", "seconds", "time data / train / val (s)"],
         rows,
     )
 

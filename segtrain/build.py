@@ -26,6 +26,7 @@ from segtrain.checkpoint import init_weights_from
 from segtrain.devices import resolve_device
 from segtrain.distributed import ShardSampler, world, wrap_model
 from segtrain.errors import ConfigError
+from segtrain.inference import sliding_window_from
 from segtrain.registry import DATASETS, LOSSES, MODELS, Registry
 from segtrain.schedules import TimeBudget, build_scheduler, parse_seconds
 from segtrain.task import output_channels
@@ -323,11 +324,9 @@ def validation_cadence(
         val_pixels = len(val_set) * float(np.mean([math.prod(shape) for shape in val_sizes])) if val_sizes else 0.0
     per_sample = math.prod(train_side) if train_side else val_pixels / max(len(val_set), 1)
     train_cost = 3.0 * len(train_set) * per_sample
-    if trainer_cfg.get("val_mode") == "slide":
-        window, stride = trainer_cfg.get("window"), trainer_cfg.get("stride")
-        window = [int(side) for side in window] if isinstance(window, (list, tuple)) or OmegaConf.is_config(window) else [int(window or 1)] * dims
-        stride = [int(side) for side in stride] if isinstance(stride, (list, tuple)) or OmegaConf.is_config(stride) else (
-            [int(stride)] * dims if stride else [max(1, side // 2) for side in window])
+    windows = validation_windows(trainer_cfg, dims)
+    if windows is not None:
+        window, stride = windows
         val_pixels *= math.prod(w / s for w, s in zip(window, stride))
     ratio = val_pixels / max(train_cost, 1.0)
     every = max(1, math.ceil(ratio / VAL_SHARE - 1e-9))
@@ -341,15 +340,19 @@ def validation_cadence(
     return every
 
 
+def validation_windows(trainer_cfg: Any, dims: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``trainer.val_mode=slide``: the window and stride per axis (as validation will use them); None for whole images."""
+    sliding = sliding_window_from(trainer_cfg.get("val_mode", "whole"), trainer_cfg.get("window"), trainer_cfg.get("stride"))
+    return sliding.per_axis(dims) if sliding is not None else None
+
+
 def check_input_sizes(model: nn.Module, sizes: dict[tuple[int, ...], str], trainer_cfg: Any) -> None:
     """Before the first step: every validation input must be large enough for the model (a UNet of
     depth d pools d times: 2^d pixels a side); sizes that are no multiple of that are fine (the
     decoder interpolates) and said once in the log. With sliding windows the windows are checked."""
-    if trainer_cfg.get("val_mode") == "slide" and trainer_cfg.get("window") is not None:
-        window = trainer_cfg.get("window")
-        window = OmegaConf.to_container(window) if OmegaConf.is_config(window) else window
-        dims = len(next(iter(sizes))) if sizes else 2
-        sizes = {tuple(int(side) for side in window) if isinstance(window, (list, tuple)) else (int(window),) * dims: "trainer.window"}
+    windows = validation_windows(trainer_cfg, len(next(iter(sizes))) if sizes else 2)
+    if windows is not None:
+        sizes = {windows[0]: "trainer.window"}
     check_divisible_sizes(model, sizes)
     multiple = getattr(model, "size_multiple", None)
     if not multiple or not sizes:

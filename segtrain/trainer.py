@@ -445,16 +445,16 @@ class Trainer:
     def reached_max_steps(self) -> bool:
         return self.settings.max_steps is not None and self.state.step >= self.settings.max_steps
 
+    def out_of_time(self) -> bool:
+        budget = self.components.time_budget
+        return budget is not None and budget.exhausted()
+
     def reached_limit(self) -> bool:
         """``max_steps`` or ``max_time`` reached (``max_epochs`` is the loop's own bound)."""
-        budget = self.components.time_budget
-        return self.reached_max_steps() or (budget is not None and budget.exhausted())
+        return self.reached_max_steps() or self.out_of_time()
 
     def stopped_by(self) -> str:
-        budget = self.components.time_budget
-        if budget is not None and budget.exhausted():
-            return "max_time"
-        return "max_steps" if self.reached_max_steps() else "max_epochs"
+        return "max_time" if self.out_of_time() else "max_steps" if self.reached_max_steps() else "max_epochs"
 
     def track_time(self, reserve: float | None = None) -> None:
         """``trainer.max_time``: the seconds used so far (and, after a validation, the time set aside
@@ -528,7 +528,8 @@ def evaluate(
             logits = segment_logits(model, images, sliding_window)
             loss_sum += loss_terms(loss_fn, logits, masks)[0].detach().float() * images.shape[0]
         predicted = classes_from_logits(logits)
-        kept.update({order[samples + i]: predicted[i].cpu() for i in range(images.shape[0]) if keep and order[samples + i] in keep})
+        if keep:
+            kept.update({order[samples + i]: predicted[i].cpu() for i in range(images.shape[0]) if order[samples + i] in keep})
         samples += images.shape[0]
         confusion.update(predicted, masks)
     confusion.reduce_across_processes()

@@ -216,16 +216,16 @@ def plain_worker(spec: dict[str, Any], budget: float, out: Path, seed: int = 0) 
             timing["data"] += tock - tick
             timing["train"] += time.perf_counter() - tock
         tick = time.perf_counter()
-        miou, miou_full = plain_validate(model, val_x, val_y, val_full, classes, ignore)
+        (miou, iou), (miou_full, _) = plain_validate(model, val_x, val_y, val_full, classes, ignore)
         timing["val"] += time.perf_counter() - tick
         epoch += 1
-        history.append({"epoch": epoch, "step": steps, "seconds": time.perf_counter() - start, "mIoU": miou, "full_mIoU": miou_full})
+        history.append({"epoch": epoch, "step": steps, "seconds": time.perf_counter() - start, "mIoU": miou, "full_mIoU": miou_full, "IoU": iou})
         epoch_cost = time.perf_counter() - epoch_start
     out.write_text(json.dumps({"history": history, "steps": steps, "epochs": epoch, "time": timing, "seconds": time.perf_counter() - start}))
 
 
-def plain_validate(model: Any, images: Any, masks: Any, full_masks: Any, classes: int, ignore: int) -> tuple[float, float]:
-    """mIoU at the training size and with logits upsampled to the full-size masks."""
+def plain_validate(model: Any, images: Any, masks: Any, full_masks: Any, classes: int, ignore: int) -> tuple[tuple[float, list], tuple[float, list]]:
+    """(mIoU, per-class IoU) at the training size and with logits upsampled to the full-size masks."""
     import torch
     import torch.nn.functional as F
 
@@ -242,10 +242,11 @@ def plain_validate(model: Any, images: Any, masks: Any, full_masks: Any, classes
     return miou_of(small), miou_of(full)
 
 
-def miou_of(matrix: Any) -> float:
+def miou_of(matrix: Any) -> tuple[float, list]:
+    """mIoU over the classes present in the labels, and each class's IoU (None where absent)."""
     iou = matrix.diag() / (matrix.sum(0) + matrix.sum(1) - matrix.diag()).clamp(min=1)
     present = matrix.sum(1) > 0
-    return float(iou[present].mean())
+    return float(iou[present].mean()), [float(value) if here else None for value, here in zip(iou, present)]
 
 
 # --------------------------------------------------------------------------- segtrain
@@ -284,7 +285,10 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
             tick = time.perf_counter()
             result = validate(epoch, **kwargs)
             val_seconds[0] += time.perf_counter() - tick
-            history.append({"epoch": epoch, "step": trainer.state.step, "seconds": time.perf_counter() - start, "mIoU": result["mIoU"]})
+            history.append({
+                "epoch": epoch, "step": trainer.state.step, "seconds": time.perf_counter() - start, "mIoU": result["mIoU"],
+                "IoU": [None if math.isnan(iou) else iou for iou in result["IoU"].values()],
+            })
             out.write_text(json.dumps({"history": history, "partial": True}))  # what a kill would leave
             return result
 
@@ -406,6 +410,10 @@ def main() -> None:
                     # --smoke checks the code path: a validation just past its tiny budget still counts.
                     rows.append(rows_for(name, repeat, side, results[side], math.inf if args.smoke else args.budget))
                     print(f"  {side}: {json.dumps({k: v for k, v in results[side].items() if k != 'history'})}")
+                    if results[side]["history"]:
+                        best = max(results[side]["history"], key=lambda entry: entry["mIoU"])
+                        shown = " ".join("-" if iou is None else f"{iou:.2f}" for iou in best["IoU"])
+                        print(f"  {side}: per-class IoU at the best validation (step {best['step']}): {shown}")
     print_table(
         ["data", "seed", "side", "best mIoU", "full-size", "largest fall", "curve (val mIoU)", "validations", "steps", "seconds", "time data / train / val (s)"],
         rows,

@@ -19,6 +19,7 @@ from segtrain.errors import ConfigError
 from segtrain.host_memory import keep_freed_memory_for_cpu_training
 from segtrain.overrides import split_override, unknown_trainer_keys
 from segtrain.run_log import RunLog
+from segtrain.schedules import describe
 from segtrain.inference import SlidingWindow, sliding_window_from
 from segtrain.trainer import Trainer, TrainerSettings, evaluate, named_metrics
 from segtrain.visualize import resolve_palette
@@ -189,7 +190,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
             from hydra.core.hydra_config import HydraConfig
 
             trainer.progress_label = f"job {HydraConfig.get().job.num} "
-        log.info("run dir: %s; %d optimizer steps", run_dir, components.total_steps)
+        log.info("run dir: %s; %d optimizer steps; learning rate %g, scheduler=%s", run_dir, components.total_steps,
+                 cfg.optimizer.lr, describe(OmegaConf.to_container(cfg.scheduler, resolve=True), components.total_steps))
         if components.time_budget is not None:
             log.info(
                 "trainer.max_time: training stops after %d steps or %.0f s, whichever comes first (validations count; the last is "

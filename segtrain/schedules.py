@@ -3,9 +3,11 @@
 A run ends at whichever of its limits comes first: ``trainer.max_epochs`` (or ``max_steps``)
 or ``trainer.max_time``. The schedules that span the whole run (cosine, poly) follow the
 run's *progress*: the larger of the fraction of steps done and, with a time budget, the
-fraction of the budget used, so that the rate reaches its end when the run does. Without a
-time budget they are torch's own step schedulers (checkpoints of earlier runs resume as
-they were). With one, the learning rate depends on how fast the machine is: the run is not
+fraction of the budget used, so that the rate reaches its end when the run does. Their
+``hold`` keeps the full rate for that fraction of the run (after the warm-up) and decays over
+the rest ("warmup-stable-decay"; fastai's ``fit_flat_cos``). Without a time budget and without a
+hold they are torch's own step schedulers (checkpoints of earlier runs resume as they were).
+With a budget, the learning rate depends on how fast the machine is: the run is not
 reproducible step for step, which the log says.
 """
 from __future__ import annotations
@@ -75,8 +77,7 @@ def build_scheduler(
     follow whichever of steps and time is further along."""
     params = dict(scheduler_cfg)
     name = params.pop("name")
-    # A short run keeps most of its steps for the schedule: warm-up takes at most a fifth of it.
-    warmup_steps = min(int(params.pop("warmup_steps", 0) or 0), total_steps // 5)
+    warmup_steps = warmup_steps_of(params.pop("warmup_steps", 0), total_steps)
     decay_steps = max(1, total_steps - warmup_steps)
     schedules: dict[str, Callable[[], Scheduler]] = {
         "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
@@ -88,14 +89,41 @@ def build_scheduler(
     }
     if name not in schedules:
         raise ConfigError(f"scheduler={name}: unknown scheduler; known: {', '.join(sorted(schedules))}")
-    if budget is not None and name in CURVES:
-        schedule = progress_schedule(optimizer, CURVES[name](params), decay_steps, budget)
+    hold = params.pop("hold", 0.0) or 0.0
+    if not isinstance(hold, (int, float)) or not 0.0 <= hold < 1.0:
+        raise ConfigError(f"scheduler.hold={hold}: give the fraction of the run at the full rate before the decay, from 0 (decay from the start) up to below 1")
+    if hold and name not in CURVES:
+        raise ConfigError(f"scheduler.hold={hold}: only {' and '.join(sorted(CURVES))} hold their rate; scheduler={name} has no decay to delay (drop the key)")
+    if name in CURVES and (budget is not None or hold > 0):
+        schedule = progress_schedule(optimizer, held(CURVES[name](params), hold), decay_steps, budget)
     else:
         schedule = schedules[name]()
     if warmup_steps <= 0:
         return schedule
     warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup_steps)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, schedule], milestones=[warmup_steps])
+
+
+def warmup_steps_of(warmup_steps: int | None, total_steps: int) -> int:
+    """``scheduler.warmup_steps`` as applied: a short run keeps most of its steps for the schedule,
+    so the warm-up takes at most a fifth of it."""
+    return min(int(warmup_steps or 0), total_steps // 5)
+
+
+def describe(scheduler_cfg: dict[str, Any], total_steps: int) -> str:
+    """The schedule in words, for the run's log: ``cosine: warm-up 10 steps, the full rate for 75% of
+    the run, then down to 0``."""
+    name = scheduler_cfg["name"]
+    warmup = warmup_steps_of(scheduler_cfg.get("warmup_steps"), total_steps)
+    parts = [f"warm-up {warmup} steps"] if warmup else []
+    if name in CURVES:
+        hold, end = scheduler_cfg.get("hold", 0.0) or 0.0, scheduler_cfg.get("min_lr", 0.0) if name == "cosine" else 0.0
+        parts.append(f"the full rate for {hold:.0%} of the run, then down to {end:g}" if hold else f"down to {end:g} over the run")
+    elif name == "step":
+        parts.append(f"x{scheduler_cfg.get('gamma', 0.1):g} every {scheduler_cfg.get('step_epochs', 10)} epochs")
+    else:
+        parts.append("constant")
+    return f"{name}: {', '.join(parts)}"
 
 
 # Learning rate as a function of the run's progress p in [0, 1] and the group's initial rate:
@@ -106,13 +134,25 @@ CURVES: dict[str, Callable[[dict[str, Any]], Callable[[float, float], float]]] =
 }
 
 
-def progress_schedule(optimizer: torch.optim.Optimizer, curve: Callable[[float, float], float], decay_steps: int, budget: TimeBudget) -> Scheduler:
-    """``curve`` over the larger of the steps' and the time budget's progress (plain functions:
-    LambdaLR stores nothing of them in its state_dict, and the budget's time is in the checkpoint's state)."""
+def held(curve: Callable[[float, float], float], hold: float) -> Callable[[float, float], float]:
+    """``curve`` after the full rate for the first ``hold`` of the run's progress."""
+    if hold <= 0:
+        return curve
+    return lambda p, lr: curve(max(0.0, p - hold) / (1.0 - hold), lr)
+
+
+def progress_schedule(
+    optimizer: torch.optim.Optimizer, curve: Callable[[float, float], float], decay_steps: int, budget: TimeBudget | None
+) -> Scheduler:
+    """``curve`` over the run's progress: the larger of the steps' and, with one, the time budget's
+    (plain functions: LambdaLR stores nothing of them in its state_dict, and the budget's time is
+    in the checkpoint's state)."""
 
     def factor_for(initial_lr: float) -> Callable[[int], float]:
         def factor(step: int) -> float:
-            progress = max(min(1.0, step / decay_steps), budget.fraction())
+            progress = min(1.0, step / decay_steps)
+            if budget is not None:
+                progress = max(progress, budget.fraction())
             return curve(progress, initial_lr) / initial_lr if initial_lr else 0.0
 
         return factor

@@ -93,7 +93,7 @@ def finished_run(tmp_path_factory):
     ("optimizer.lr=0.5", "optimizer.lr=0.5 (the checkpoint: 0.002)"),
     ("scheduler=none", "scheduler=none (the checkpoint: cosine)"),
     ("dataset.num_classes=3", "dataset.num_classes=3 (the checkpoint: 4)"),
-    ("trainer.max_epochs=2", "trainer.max_epochs=2 (the checkpoint: 1): scheduler=cosine with warmup_steps=50 lays its"),
+    ("trainer.max_epochs=2", "trainer.max_epochs=2 (the checkpoint: 1): scheduler=cosine with warmup_steps=10 lays its"),
 ])
 def test_resume_refuses_what_it_would_not_apply_and_leaves_the_run_dir_alone(override, message, finished_run):
     run_dir = finished_run / "cosine"

@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, TINY, compose_config, run_train_py
 from segtrain.errors import ConfigError
-from segtrain.schedules import TimeBudget, build_scheduler, parse_seconds
+from segtrain.schedules import TimeBudget, build_scheduler, describe, parse_seconds
 from segtrain.trainer import TrainerSettings
 from test_train import read_scalars
 
@@ -33,9 +33,9 @@ def test_max_time_reads_seconds_or_clock_notation():
         TrainerSettings(max_time=0)  # refused before any work, like the other trainer keys
 
 
-def learning_rates(name: str, budget: TimeBudget | None, total_steps: int, used: list[float], warmup: int = 0) -> list[float]:
+def learning_rates(name: str, budget: TimeBudget | None, total_steps: int, used: list[float], warmup: int = 0, hold: float = 0.0) -> list[float]:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_scheduler({"name": name, "warmup_steps": warmup}, optimizer, total_steps, 10, budget)
+    scheduler = build_scheduler({"name": name, "warmup_steps": warmup, "hold": hold}, optimizer, total_steps, 10, budget)
     rates = []
     for seconds in used:
         if budget is not None:
@@ -70,6 +70,67 @@ def test_warm_up_stays_in_steps_then_the_curve_follows_time():
     assert rates[4] == pytest.approx(0.5, abs=0.01)
 
 
+def test_hold_keeps_the_full_rate_for_its_fraction_of_the_run_then_decays():
+    # 10 warm-up steps, then 100 steps of which the first 60 hold the rate and the last 40 carry the whole cosine.
+    rates = learning_rates("cosine", None, 110, [0.0] * 110, warmup=10, hold=0.6)
+    assert rates[:9] == sorted(rates[:9]) and rates[8] < 1.0
+    assert rates[9:70] == pytest.approx([1.0] * 61, abs=1e-9)
+    assert rates[89] == pytest.approx(0.5, abs=1e-9)  # halfway through the decay: half the rate
+    assert rates[-1] == pytest.approx(0.0, abs=1e-9)
+    assert learning_rates("poly", None, 100, [0.0] * 100, hold=0.5)[74] == pytest.approx(0.5**0.9, abs=1e-9)
+    # With a time budget, the hold is a fraction of the time: 70 of 100 s used, hold 0.4 -> half the cosine.
+    assert learning_rates("cosine", TimeBudget(100.0), 10**6, [70.0], hold=0.4) == pytest.approx([0.5], abs=1e-6)
+    # hold=0 is torch's own CosineAnnealingLR, as before the key existed (checkpoints of earlier runs resume as they were).
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert isinstance(build_scheduler({"name": "cosine", "hold": 0.0}, optimizer, 10, 10), torch.optim.lr_scheduler.CosineAnnealingLR)
+
+
+def test_a_held_schedule_resumes_where_it_stopped():
+    def scheduler_after(steps: int, state: dict | None = None):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = build_scheduler({"name": "cosine", "warmup_steps": 5, "hold": 0.5}, optimizer, 100, 10)
+        if state is not None:
+            scheduler.load_state_dict(state)
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+        return scheduler, optimizer
+
+    straight, straight_optimizer = scheduler_after(80)
+    first, _ = scheduler_after(60)
+    resumed, resumed_optimizer = scheduler_after(20, first.state_dict())
+    assert resumed_optimizer.param_groups[0]["lr"] == pytest.approx(straight_optimizer.param_groups[0]["lr"], abs=1e-12)
+
+
+def test_train_py_holds_the_rate_then_anneals_it_in_tensorboard(tmp_path, train_py):
+    train_py(tmp_path, *TINY, "trainer.max_epochs=4", "trainer.log_every=1", "optimizer.lr=0.01", "scheduler.warmup_steps=0", "scheduler.hold=0.5")
+    rates = [value for _, value in read_scalars(tmp_path)["train/lr"]]
+    assert len(rates) == 4 * 6
+    assert rates[:12] == pytest.approx([0.01] * 12, rel=1e-6), "the first half holds the full rate"
+    assert all(later < earlier for earlier, later in zip(rates[12:], rates[13:])), "then it only falls"
+    assert rates[-1] < 0.02 * 0.01
+    assert "learning rate 0.01, scheduler=cosine: the full rate for 50% of the run, then down to 0" in (tmp_path / "train.log").read_text()
+
+
+def test_the_schedule_in_words_for_the_log():
+    assert describe({"name": "cosine", "warmup_steps": 10, "hold": 0.75, "min_lr": 0.0}, 625) == (
+        "cosine: warm-up 10 steps, the full rate for 75% of the run, then down to 0"
+    )
+    assert describe({"name": "cosine", "warmup_steps": 50, "hold": 0.0, "min_lr": 1e-5}, 100) == "cosine: warm-up 20 steps, down to 1e-05 over the run"
+    assert describe({"name": "poly", "hold": 0.0, "power": 0.9}, 100) == "poly: down to 0 over the run"
+    assert describe({"name": "step", "warmup_steps": 0, "step_epochs": 10, "gamma": 0.1}, 100) == "step: x0.1 every 10 epochs"
+    assert describe({"name": "none", "warmup_steps": 0}, 100) == "none: constant"
+
+
+def test_a_bad_hold_names_the_key():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises(ConfigError, match=f"scheduler.hold={bad}: give the fraction"):
+            build_scheduler({"name": "cosine", "hold": bad}, optimizer, 10, 10)
+    with pytest.raises(ConfigError, match="scheduler=step has no decay to delay"):
+        build_scheduler({"name": "step", "hold": 0.5}, optimizer, 10, 10)
+
+
 def test_a_step_schedule_only_stops_on_time():
     assert learning_rates("step", TimeBudget(100.0), 1000, [99.0] * 3) == learning_rates("step", None, 1000, [0.0] * 3)
 
@@ -89,10 +150,10 @@ def test_a_run_with_max_time_stops_in_its_budget_with_the_rate_at_its_end(budget
     assert BUDGET * 0.8 <= metrics["wall_seconds"] <= BUDGET + 1.5, metrics["wall_seconds"]
     assert metrics["epochs"] < 100000 and metrics["history"][-1]["epoch"] == metrics["epochs"], "the last epoch was validated"
     rates = [value for _, value in read_scalars(budget_run)["train/lr"]]
-    warmup = min(50, (100000 * 6) // 5)
+    warmup = compose_config([]).scheduler.warmup_steps  # the default cosine's, a step per logged rate (TINY: log_every=1)
     after_warmup = rates[warmup:]
     assert len(after_warmup) > 20, f"{len(rates)} steps logged"
-    assert all(later <= earlier + 1e-9 for earlier, later in zip(after_warmup, after_warmup[1:])), "the cosine only falls"
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(after_warmup, after_warmup[1:])), "held, then the cosine only falls"
     assert after_warmup[-1] < 0.1 * 0.01, f"the rate ends near 0 with the budget: {after_warmup[-1]}"
     assert "stopped at max_time" in (budget_run / "train.log").read_text()
 

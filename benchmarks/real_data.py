@@ -17,7 +17,8 @@ The two sides run at the same time, each pinned to its own core (``taskset -c 0`
 - **segtrain**: ``configs/train.yaml`` with only what a new user sets (folder: the folder
   contract plus ``dataset.size=[176,240] dataset.batch_size=8``; isbi: ``dataset=isbi``),
   built and trained as ``segtrain.run.train`` does (``build``, ``make_trainer``,
-  ``Trainer.fit``: DataLoader workers, checkpoints, TensorBoard and all), with
+  ``Trainer.fit``: its DataLoader as configured (on the CPU ``num_workers=auto`` loads in the
+  training process and ``cache=auto`` keeps this set decoded), checkpoints, TensorBoard and all), with
   ``trainer.max_time`` set to the budget less the time its build took (the data audit and
   ``auto`` mean/std: the plain loop's loading counts in its budget too) and
   ``trainer.max_epochs`` out of the way; the cosine schedule follows the time.
@@ -301,7 +302,9 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
     result = {
         "history": history, "steps": metrics["steps"], "epochs": metrics["epochs"], "seconds": total, "stopped_by": metrics["stopped_by"],
         "time": {"data": data + setup, "train": total - setup - data - val_seconds[0], "val": val_seconds[0]},
-        "resolved": {key: OmegaConf.select(run_cfg, key) for key in ("dataset.mean", "dataset.std", "dataset.size_mode", "optimizer.lr", "model.depth", "trainer.val_every")},
+        "resolved": {key: OmegaConf.select(run_cfg, key) for key in (
+            "dataset.mean", "dataset.std", "dataset.size_mode", "dataset.num_workers", "dataset.cache", "optimizer.lr", "model.depth", "trainer.val_every",
+        )},
     }
     out.write_text(json.dumps(result, default=lambda value: OmegaConf.to_container(value) if OmegaConf.is_config(value) else str(value)))
 

@@ -7,6 +7,7 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,13 +113,64 @@ def instantiate(registry: Registry, node: dict[str, Any], **arguments: Any) -> A
 
 
 def build_datasets(dataset_cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    """The train and val splits; with ``dataset.cache=auto`` built without a cache (``keep_samples`` decides)."""
     params = {key: value for key, value in dataset_cfg.items() if key not in LOADER_KEYS}
+    if params.get("cache") == "auto":
+        params["cache"] = False
     train_set = instantiate(DATASETS, params, split="train")
     val_set = instantiate(DATASETS, params, split="val")
     for split, dataset in (("train", train_set), ("val", val_set)):
         if len(dataset) == 0:
             raise ConfigError(f"dataset={dataset_cfg.get('name')}: the {split} split is empty")
     return train_set, val_set
+
+
+# dataset.num_workers=auto on CUDA: worker processes beside each training process, at most this many.
+MAX_AUTO_WORKERS = 4
+# dataset.cache=auto keeps the decoded samples when all copies together (one per loader worker, or
+# one in the training process) stay under this many bytes.
+CACHE_AUTO_BYTES = 2**30
+
+
+def loader_workers(value: Any, device: torch.device) -> int:
+    """``dataset.num_workers``; ``auto``: 0 on the CPU (the training process loads: worker processes
+    would take cores from torch's own threads, benchmarks/README.md "Loading on the CPU"), and on CUDA
+    one per core beside each training process, at most ``MAX_AUTO_WORKERS``."""
+    if value == "auto":
+        if device.type != "cuda":
+            log.info("dataset.num_workers=auto: 0 on the CPU (the training process loads the data)")
+            return 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # training processes on this machine (torchrun)
+        workers = max(1, min(MAX_AUTO_WORKERS, cores // processes - 1))
+        log.info("dataset.num_workers=auto: %d per training process (%d cores, %d training processes)", workers, cores, processes)
+        return workers
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"dataset.num_workers={value}: use a whole number >= 0 (0: load in the training process) or auto")
+    return value
+
+
+def keep_samples(value: Any, datasets: tuple[Dataset, ...], workers: int) -> bool | None:
+    """``dataset.cache`` as the run uses it (None where the dataset has no such key); ``auto`` keeps the
+    decoded samples when every copy (one per loader worker, else one) fits in ``CACHE_AUTO_BYTES``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if value != "auto":
+        raise ConfigError(f"dataset.cache={value}: use true (keep decoded samples in memory), false or auto")
+    if not all(hasattr(dataset, "decoded_bytes") for dataset in datasets):
+        raise ConfigError(f"dataset.cache=auto: {type(datasets[0]).__name__} cannot estimate its size in memory; set dataset.cache=true or false")
+    copies = max(1, workers)
+    total = copies * sum(dataset.decoded_bytes() for dataset in datasets)
+    keep = total <= CACHE_AUTO_BYTES
+    for dataset in datasets:
+        dataset.keep_samples(keep)
+    where = f"{copies} copies, one per loader worker" if copies > 1 else "one copy"
+    log.info(
+        "dataset.cache=auto: %s decoded samples in memory (about %.0f MB in all, %s; the limit is %.0f MB)%s",
+        "keeping" if keep else "not keeping", total / 2**20, where, CACHE_AUTO_BYTES / 2**20,
+        "" if keep else "; dataset.cache=true keeps them anyway",
+    )
+    return keep
 
 
 def seed_worker(worker_id: int) -> None:
@@ -234,6 +286,8 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     class_names = resolve_class_names(dataset_cfg, train_set)
     check_ignore_index(num_classes, ignore_index, class_names)  # not a class of the model; before the audit reads the masks
     report = audit_data(train_set, val_set, class_names, dataset_cfg)
+    workers = loader_workers(dataset_cfg["num_workers"], device)
+    cache = keep_samples(dataset_cfg.get("cache"), (train_set, val_set), workers)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     loss_fn, loss_cfg = build_run_loss(
         OmegaConf.to_container(cfg.loss, resolve=True), model_cfg, train_set, num_classes, ignore_index,
@@ -252,7 +306,7 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     )
     log.info("loss: %s; dataset: %s (%d train, %d val samples)", loss_cfg.get("name", loss_cfg.get("_target_")), dataset_cfg.get("name"), len(train_set), len(val_set))
     optimizer = hydra.utils.instantiate(cfg.optimizer)(model.parameters())
-    name, workers = dataset_cfg.get("name", dataset_cfg.get("_target_")), dataset_cfg["num_workers"]
+    name = dataset_cfg.get("name", dataset_cfg.get("_target_"))
     train_loader = build_loader(
         train_set, dataset_cfg["batch_size"], workers, True, cfg.seed, device, MaskCheck(name, "train", out_channels, ignore_index)
     )
@@ -272,6 +326,9 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         if run_cfg.dataset.get("in_channels") is None:
             run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
         run_cfg.trainer.val_every = val_every  # auto: the number it chose
+        run_cfg.dataset.num_workers = workers
+        if cache is not None:
+            run_cfg.dataset.cache = cache
         for key in ("mean", "std"):  # dataset.mean/std=auto: the numbers the run normalised with
             if run_cfg.dataset.get(key) == "auto":
                 run_cfg.dataset[key] = getattr(train_set, key)

@@ -75,7 +75,7 @@ def test_train_py_stores_and_logs_auto_normalisation_and_predicts_at_the_input_s
     run_dir = tmp_path / "run"
     common = [
         "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.train_images=images", "dataset.train_masks=masks",
-        "dataset.num_classes=2", "dataset.mask_values=[0,255]", "dataset.num_workers=0",
+        "dataset.num_classes=2", "dataset.mask_values=[0,255]",  # dataset.num_workers and dataset.cache: auto
     ]
     process = train_py(
         run_dir, *common, "dataset.size=[20,24]", "dataset.size_mode=resize", "dataset.mean=auto", "dataset.std=auto",
@@ -89,6 +89,9 @@ def test_train_py_stores_and_logs_auto_normalisation_and_predicts_at_the_input_s
     log = (run_dir / "train.log").read_text()
     assert f"normalising with per-channel mean {resolved['mean']}, std {resolved['std']}" in log
     assert "dataset.size_mode=resize: whole images are resized to dataset.size=20x24 (the first training image is 40x48)" in log
+    assert (resolved["num_workers"], resolved["cache"]) == (0, True), "auto resolved and stored: the CPU loads in the training process, 6 small pairs kept"
+    assert "dataset.num_workers=auto: 0 on the CPU (the training process loads the data)" in log
+    assert "dataset.cache=auto: keeping decoded samples in memory (about 0 MB in all, one copy; the limit is 1024 MB)" in log
     predicted = tmp_path / "predicted"
     train_py(tmp_path / "predict_run", "mode=predict", f"resume={run_dir}", f"predict.input={tmp_path / 'data/images'}", f"predict.output={predicted}")
     with Image.open(predicted / "s0.png") as mask:
@@ -99,6 +102,62 @@ def test_folder_defaults_resize_and_normalise_isbi_keeps_crops():
     from conftest import compose_config
 
     folder = compose_config(["dataset=folder"]).dataset
-    assert (folder.size_mode, folder.mean, folder.std) == ("resize", "auto", "auto")
+    assert (folder.size_mode, folder.mean, folder.std, folder.num_workers, folder.cache) == ("resize", "auto", "auto", "auto", "auto")
     isbi = compose_config(["dataset=isbi"]).dataset
     assert isbi.size_mode == "crop" and list(isbi.mean) == [0.5]
+
+
+def test_num_workers_auto_is_zero_on_the_cpu_and_a_few_per_training_process_on_cuda(monkeypatch):
+    from segtrain import build
+
+    assert build.loader_workers("auto", torch.device("cpu")) == 0
+    assert build.loader_workers(3, torch.device("cpu")) == 3, "a number is used as given"
+    cuda = torch.device("cuda", 0)  # only the device type is read: no GPU needed
+    monkeypatch.setattr(build.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert build.loader_workers("auto", cuda) == 4, "at most MAX_AUTO_WORKERS"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert build.loader_workers("auto", cuda) == 3, "16 cores for 4 training processes: 3 workers beside each"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert build.loader_workers("auto", cuda) == 1, "at least one"
+    for bad in (-1, "two", True, 1.5):
+        with pytest.raises(ConfigError, match=f"dataset.num_workers={bad}: use a whole number >= 0"):
+            build.loader_workers(bad, torch.device("cpu"))
+
+
+def test_cache_auto_keeps_what_fits_and_says_so(tmp_path, caplog, monkeypatch):
+    from segtrain import build
+
+    write_pairs(tmp_path, count=5, rgb=True, size=(40, 48))
+    train_set, val_set = datasets(folder_config(tmp_path, "dataset.mask_values=[0,255]", "dataset.cache=auto", "dataset.augment=none", "dataset.size_mode=resize"))
+    exact = sum(array.nbytes for dataset in (train_set, val_set) for index in range(len(dataset)) for array in dataset.read(index))
+    assert exact == 5 * (3 * 40 * 48 + 40 * 48), "RGB uint8 images and uint8 class masks"
+    assert train_set.decoded_bytes() + val_set.decoded_bytes() == exact, "images of one size: the estimate is exact"
+    with caplog.at_level(logging.INFO, logger="segtrain.build"):
+        assert build.keep_samples("auto", (train_set, val_set), workers=0) is True
+    assert "dataset.cache=auto: keeping decoded samples in memory (about 0 MB in all, one copy; the limit is 1024 MB)" in caplog.text
+    first = train_set[0]
+    assert train_set._cache.entries.keys() == {0}, "kept after the first read"
+    assert all(torch.equal(a, b) for a, b in zip(first, train_set[0])), "a kept sample comes back unchanged"
+    monkeypatch.setattr(build, "CACHE_AUTO_BYTES", 2 * exact - 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="segtrain.build"):
+        assert build.keep_samples("auto", (train_set, val_set), workers=2) is False, "a copy per worker: twice the bytes"
+    assert "not keeping decoded samples in memory" in caplog.text and "2 copies, one per loader worker" in caplog.text
+    assert "dataset.cache=true keeps them anyway" in caplog.text
+    assert train_set._cache.entries is None
+    assert build.keep_samples(True, (train_set,), 2) is True and build.keep_samples(None, (train_set,), 0) is None
+    with pytest.raises(ConfigError, match="dataset.cache=yes: use true"):
+        build.keep_samples("yes", (train_set,), 0)
+
+
+@pytest.mark.parametrize("ignore_index, dtype", [(None, np.uint8), (255, np.uint8), (-1, np.int16), (1000, np.uint16)])
+def test_decoded_masks_are_kept_in_the_smallest_type_and_trained_on_as_int64(tmp_path, ignore_index, dtype):
+    write_pairs(tmp_path, count=3, values=(0, 200))
+    overrides = ["dataset.mask_values=[0,200]", "dataset.augment=none"]
+    if ignore_index is not None:
+        overrides.append(f"dataset.ignore_index={ignore_index}")
+    train_set, _ = datasets(folder_config(tmp_path, *overrides))
+    image, mask = train_set.read(0)
+    assert mask.dtype == dtype and set(np.unique(mask).tolist()) <= {0, 1}
+    assert train_set[0][1].dtype == torch.int64

@@ -94,6 +94,12 @@ class MaskEncoder:
             classes = np.where((values == self.ignore_index) | np.isin(values, self.ignore_values), self.ignore_index, classes)
         return classes
 
+    @property
+    def compact_dtype(self) -> np.dtype:
+        """The smallest integer type holding every class index and the ignore index."""
+        values = [0, self.num_classes - 1, *([] if self.ignore_index is None else [int(self.ignore_index)])]
+        return np.dtype(np.result_type(np.min_scalar_type(min(values)), np.min_scalar_type(max(values))))
+
     def encode(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """Class-index mask (int64) from a raw mask; raises naming the file for unknown values."""
         classes = self.classes_of(raw)
@@ -258,11 +264,26 @@ class SegmentationFiles(Dataset):
         return self.transform(torch.from_numpy(image.copy()), torch.from_numpy(mask.copy()))
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded image ``(C, *spatial)`` with ``in_channels`` channels and its class-index mask."""
+        """The decoded image ``(C, *spatial)`` with ``in_channels`` channels and its class-index mask
+        (the smallest integer type that holds the classes and the ignore index: a kept mask is small;
+        the transforms make it int64)."""
         image_path, mask_path = self.pairs[index]
         image = self._channels(read_image(image_path), image_path)
         mask = self.encoder.encode(read_mask(mask_path, self.encoder.rgb), mask_path)
-        return np.ascontiguousarray(image), mask
+        return np.ascontiguousarray(image), mask.astype(self.encoder.compact_dtype, copy=False)
+
+    def keep_samples(self, enabled: bool) -> None:
+        """Keep decoded samples in memory from now on (``dataset.cache``, resolved by the builder for ``auto``)."""
+        self._cache = SampleCache(enabled)
+
+    def decoded_bytes(self, samples: int = 8) -> int:
+        """About how many bytes the decoded split takes in memory (``read`` of up to ``samples``
+        evenly spaced pairs, times the number of pairs): what ``dataset.cache`` would keep."""
+        if not self.pairs:
+            return 0
+        chosen = np.unique(np.linspace(0, len(self.pairs) - 1, min(samples, len(self.pairs))).round().astype(int))
+        sizes = [sum(array.nbytes for array in self.read(int(index))) for index in chosen]
+        return int(np.mean(sizes) * len(self.pairs))
 
     def _channels(self, image: np.ndarray, path: Path) -> np.ndarray:
         return convert_channels(image, self.in_channels, path)

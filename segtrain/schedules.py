@@ -67,6 +67,10 @@ class TimeBudget:
         return self.used + self.reserve >= self.seconds
 
 
+# The scheduler keys' values where a config leaves them out (one place: the schedulers and the log's wording read them).
+DEFAULTS: dict[str, Any] = {"warmup_steps": 0, "hold": 0.0, "min_lr": 0.0, "power": 0.9, "step_epochs": 10, "gamma": 0.1}
+
+
 def build_scheduler(
     scheduler_cfg: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int,
     budget: TimeBudget | None = None,
@@ -75,21 +79,21 @@ def build_scheduler(
 
     ``total_steps`` is the run's length in steps; with a ``budget`` the cosine and poly curves
     follow whichever of steps and time is further along."""
-    params = dict(scheduler_cfg)
+    params = {**DEFAULTS, **scheduler_cfg}
     name = params.pop("name")
-    warmup_steps = warmup_steps_of(params.pop("warmup_steps", 0), total_steps)
+    warmup_steps = warmup_steps_of(params.pop("warmup_steps"), total_steps)
     decay_steps = max(1, total_steps - warmup_steps)
     schedules: dict[str, Callable[[], Scheduler]] = {
         "none": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, decay_steps, eta_min=params.get("min_lr", 0.0)),
-        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(optimizer, decay_steps, power=params.get("power", 0.9)),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, decay_steps, eta_min=params["min_lr"]),
+        "poly": lambda: torch.optim.lr_scheduler.PolynomialLR(optimizer, decay_steps, power=params["power"]),
         "step": lambda: torch.optim.lr_scheduler.StepLR(
-            optimizer, max(1, int(params.get("step_epochs", 10)) * steps_per_epoch), gamma=params.get("gamma", 0.1)
+            optimizer, max(1, int(params["step_epochs"]) * steps_per_epoch), gamma=params["gamma"]
         ),
     }
     if name not in schedules:
         raise ConfigError(f"scheduler={name}: unknown scheduler; known: {', '.join(sorted(schedules))}")
-    hold = params.pop("hold", 0.0) or 0.0
+    hold = params.pop("hold") or 0.0
     if not isinstance(hold, (int, float)) or not 0.0 <= hold < 1.0:
         raise ConfigError(f"scheduler.hold={hold}: give the fraction of the run at the full rate before the decay, from 0 (decay from the start) up to below 1")
     if hold and name not in CURVES:
@@ -113,14 +117,15 @@ def warmup_steps_of(warmup_steps: int | None, total_steps: int) -> int:
 def describe(scheduler_cfg: dict[str, Any], total_steps: int) -> str:
     """The schedule in words, for the run's log: ``cosine: warm-up 10 steps, the full rate for 75% of
     the run, then down to 0``."""
-    name = scheduler_cfg["name"]
-    warmup = warmup_steps_of(scheduler_cfg.get("warmup_steps"), total_steps)
+    params = {**DEFAULTS, **scheduler_cfg}
+    name = params["name"]
+    warmup = warmup_steps_of(params["warmup_steps"], total_steps)
     parts = [f"warm-up {warmup} steps"] if warmup else []
     if name in CURVES:
-        hold, end = scheduler_cfg.get("hold", 0.0) or 0.0, scheduler_cfg.get("min_lr", 0.0) if name == "cosine" else 0.0
+        hold, end = params["hold"] or 0.0, params["min_lr"] if name == "cosine" else 0.0
         parts.append(f"the full rate for {hold:.0%} of the run, then down to {end:g}" if hold else f"down to {end:g} over the run")
     elif name == "step":
-        parts.append(f"x{scheduler_cfg.get('gamma', 0.1):g} every {scheduler_cfg.get('step_epochs', 10)} epochs")
+        parts.append(f"x{params['gamma']:g} every {params['step_epochs']} epochs")
     else:
         parts.append("constant")
     return f"{name}: {', '.join(parts)}"
@@ -129,8 +134,8 @@ def describe(scheduler_cfg: dict[str, Any], total_steps: int) -> str:
 # Learning rate as a function of the run's progress p in [0, 1] and the group's initial rate:
 # the closed forms of torch's CosineAnnealingLR and PolynomialLR.
 CURVES: dict[str, Callable[[dict[str, Any]], Callable[[float, float], float]]] = {
-    "cosine": lambda params: lambda p, lr: params.get("min_lr", 0.0) + (lr - params.get("min_lr", 0.0)) * (1 + math.cos(math.pi * p)) / 2,
-    "poly": lambda params: lambda p, lr: lr * (1 - p) ** params.get("power", 0.9),
+    "cosine": lambda params: lambda p, lr: params["min_lr"] + (lr - params["min_lr"]) * (1 + math.cos(math.pi * p)) / 2,
+    "poly": lambda params: lambda p, lr: lr * (1 - p) ** params["power"],
 }
 
 

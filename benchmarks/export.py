@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from common import compose_config, machine, print_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from segtrain.build import build_model  # noqa: E402
+from segtrain.build import build_model, unet_depth  # noqa: E402
 from segtrain.export import check, export_program, other_size, resize, write_onnx  # noqa: E402
 
 MODELS = {  # model config -> (overrides, spatial size of the export)
@@ -54,7 +54,10 @@ def measure(name: str, overrides: list[str], size: tuple[int, ...], repeats: int
 
     torch.manual_seed(0)
     cfg = compose_config([f"model={name}", *overrides])
-    model = build_model(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.dataset.num_classes)).eval()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if "depth" in model_cfg:  # model.depth=auto: as a run of this config resolves it (from dataset.size)
+        model_cfg["depth"] = unet_depth(model_cfg["depth"], OmegaConf.to_container(cfg.dataset, resolve=True), {})
+    model = build_model(model_cfg, int(cfg.dataset.num_classes)).eval()
     channels = int(cfg.model.in_channels)
     example = torch.rand(2, channels, *size)
     with tempfile.TemporaryDirectory() as folder:

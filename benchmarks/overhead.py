@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["unet", "lraspp_mobilenet_v3_large"])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--unet-width", type=int, default=8, help="model.width of the UNet (depth: the config's 3)")
+    parser.add_argument("--unet-width", type=int, default=8, help="model.width of the UNet (depth: the config's auto, 4 at 256 px)")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round (log_every=10: one logged step per round)")
     parser.add_argument("--rounds", type=int, default=12)
     # One thread by default: on a CPU shared with other processes, two threads that spin at every op's

@@ -304,6 +304,7 @@ def segtrain_worker(spec: dict[str, Any], budget: float, out: Path, overrides: l
         "time": {"data": data + setup, "train": total - setup - data - val_seconds[0], "val": val_seconds[0]},
         "resolved": {key: OmegaConf.select(run_cfg, key) for key in (
             "dataset.mean", "dataset.std", "dataset.size_mode", "dataset.num_workers", "dataset.cache", "optimizer.lr", "model.depth", "trainer.val_every",
+            "loss.weight",
         )},
     }
     out.write_text(json.dumps(result, default=lambda value: OmegaConf.to_container(value) if OmegaConf.is_config(value) else str(value)))

@@ -173,6 +173,34 @@ def keep_samples(value: Any, datasets: tuple[Dataset, ...], workers: int) -> boo
     return keep
 
 
+# model.depth=auto (UNet): the most downsamplings, at most MAX_AUTO_DEPTH, that leave the deepest
+# feature map at least AUTO_DEPTH_MIN_SIDE pixels a side at the training size (benchmarks/README.md,
+# "A depth for the image size").
+MAX_AUTO_DEPTH = 4
+AUTO_DEPTH_MIN_SIDE = 8
+
+
+def unet_depth(value: Any, dataset_cfg: dict[str, Any], val_sizes: dict[tuple[int, ...], str]) -> int:
+    """``model.depth``; ``auto``: from the shortest side the model trains on (``dataset.size``, else the
+    smallest validation input), ``floor(log2(side / AUTO_DEPTH_MIN_SIDE))`` between 1 and ``MAX_AUTO_DEPTH``."""
+    if isinstance(value, str) and value != "auto":
+        raise ConfigError(f"model.depth={value}: use a whole number >= 1 (downsamplings) or auto")
+    if value != "auto":
+        return value  # the model checks its own numbers
+    size = dataset_cfg.get("size")
+    if size is not None:
+        side, source = min(size) if isinstance(size, (list, tuple)) else int(size), f"dataset.size={size}"
+    else:
+        shape, source = min(val_sizes.items(), key=lambda item: min(item[0]))
+        side = min(shape)
+    depth = max(1, min(MAX_AUTO_DEPTH, math.floor(math.log2(max(1, side) / AUTO_DEPTH_MIN_SIDE))))
+    log.info(
+        "model.depth=auto: %d (shortest training side %d px from %s: the deepest features are %d px, at least %d; at most %d)",
+        depth, side, source, side // 2**depth, AUTO_DEPTH_MIN_SIDE, MAX_AUTO_DEPTH,
+    )
+    return depth
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
@@ -296,8 +324,10 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
     out_channels = output_channels(num_classes, getattr(loss_fn, "sigmoid", False))  # the binary rule, decided here once
     if model_cfg.get("in_channels") is None and hasattr(train_set, "in_channels"):
         model_cfg["in_channels"] = train_set.in_channels  # dataset.in_channels=null: read from the data
-    model = build_model(model_cfg, out_channels).to(device)
     val_sizes = validation_sizes(dataset_cfg, val_set, report)
+    if "depth" in model_cfg:
+        model_cfg["depth"] = unet_depth(model_cfg["depth"], dataset_cfg, val_sizes)
+    model = build_model(model_cfg, out_channels).to(device)
     check_input_sizes(model, val_sizes, cfg.trainer)
     model = wrap_model(model, device, bool(cfg.trainer.get("sync_bn", False)))  # DDP when torch.distributed runs
     log.info(
@@ -326,6 +356,8 @@ def build(cfg: DictConfig) -> tuple[Components, DictConfig]:
         if run_cfg.dataset.get("in_channels") is None:
             run_cfg.dataset.in_channels = model_cfg.get("in_channels")  # as read from the data
         run_cfg.trainer.val_every = val_every  # auto: the number it chose
+        if "depth" in model_cfg:
+            run_cfg.model.depth = model_cfg["depth"]  # auto: the depth it chose
         run_cfg.dataset.num_workers = workers
         if cache is not None:
             run_cfg.dataset.cache = cache

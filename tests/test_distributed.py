@@ -19,9 +19,9 @@ from segtrain.distributed import prepare_torchrun_argv
 
 # GroupNorm (no batch statistics that would differ per process), no schedule (the resumed
 # run has more epochs than its first part), no pictures.
-DDP_TINY = [
+DDP_TINY = [  # unweighted CE: the per-process means then average to the single process's mean exactly (docs/losses.md)
     *TINY, "model.norm=group", "scheduler=none", "optimizer.lr=0.01", "dataset.train_samples=32",
-    "dataset.val_samples=8", "trainer.log_images=0",
+    "dataset.val_samples=8", "trainer.log_images=0", "loss.weight=null",
 ]
 
 

@@ -161,3 +161,48 @@ def test_decoded_masks_are_kept_in_the_smallest_type_and_trained_on_as_int64(tmp
     image, mask = train_set.read(0)
     assert mask.dtype == dtype and set(np.unique(mask).tolist()) <= {0, 1}
     assert train_set[0][1].dtype == torch.int64
+
+
+def test_depth_auto_follows_the_training_size(caplog):
+    from conftest import compose_config
+    from segtrain import build
+
+    def depth(size, val_sizes=None):
+        return build.unet_depth("auto", {"size": size}, val_sizes or {})
+
+    assert compose_config([]).model.depth == "auto"
+    assert depth(compose_config([]).dataset.size) == 3, "the shapes default (64 px) keeps depth 3: its deepest features are 8 px"
+    assert depth([176, 240]) == 4, "the shortest side counts: 176 / 2**4 = 11 px"
+    assert depth(compose_config(["dataset=isbi"]).dataset.size) == 4, "ISBI's 128 px crops"
+    assert depth(1024) == build.MAX_AUTO_DEPTH == 4
+    assert depth(20) == depth(3) == 1, "at least one downsampling (the size check names the fix for inputs below 2 px)"
+    with caplog.at_level(logging.INFO, logger="segtrain.build"):
+        assert build.unet_depth("auto", {"size": None}, {(40, 48): "a.png", (96, 96): "b.png"}) == 2, "no dataset.size: the smallest validation input"
+    assert "model.depth=auto: 2 (shortest training side 40 px from a.png: the deepest features are 10 px, at least 8; at most 4)" in caplog.text
+    assert build.unet_depth(5, {"size": 64}, {}) == 5, "a number is used as given"
+    with pytest.raises(ConfigError, match="model.depth=deep: use a whole number >= 1"):
+        build.unet_depth("deep", {"size": 64}, {})
+    from segtrain.models.unet import UNet
+
+    with pytest.raises(ValueError, match="model.depth=auto: building a UNet directly needs a whole number"):
+        UNet(3, 2, depth="auto")
+
+
+def test_train_py_stores_the_depth_auto_chose_and_eval_rebuilds_it(tmp_path, train_py):
+    write_pairs(tmp_path / "data", count=4, size=(40, 48))
+    run_dir = tmp_path / "run"
+    fast = [arg for arg in FAST if not arg.startswith("model.depth")]
+    train_py(
+        run_dir, "dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.train_images=images", "dataset.train_masks=masks",
+        "dataset.num_classes=2", "dataset.mask_values=[0,255]", "dataset.size=[32,40]", "dataset.batch_size=2", "trainer.max_epochs=1", *fast,
+    )
+    resolved = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
+    assert resolved["model"]["depth"] == 2, "32 px: 2 downsamplings leave 8 px"
+    weights = resolved["loss"]["weight"]
+    assert len(weights) == 2 and min(weights) == 1.0 and max(weights) > 1.0, f"the default CE's weight=auto: the rarer class up, none down: {weights}"
+    checkpoint = load_checkpoint(run_dir / "best.pt")
+    assert checkpoint["config"]["model"]["depth"] == 2
+    assert {key.split(".")[1] for key in checkpoint["model"] if key.startswith("encoder.")} == {"0", "1", "2"}, "the input block and two downsamplings"
+    assert "model.depth=auto: 2 (shortest training side 32 px from dataset.size=[32, 40]" in (run_dir / "train.log").read_text()
+    train_py(tmp_path / "eval_run", "mode=eval", f"resume={run_dir}", f"eval.output={tmp_path / 'eval'}")
+    assert (tmp_path / "eval" / "eval.json").exists()

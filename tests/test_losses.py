@@ -506,17 +506,18 @@ def test_legacy_reduction_keys_translate_like_torch(size_average, reduce):
 def test_resolve_auto():
     counts = torch.tensor([600, 300, 100])
     resolved = resolve_auto({"name": "ce", "weight": "auto", "ignore_index": None}, counts, 3)
-    # frequencies 0.6, 0.3, 0.1; median 0.3 -> 0.5, 1, 3
-    assert resolved["weight"] == pytest.approx([0.5, 1.0, 3.0])
+    # frequencies 0.6, 0.3, 0.1; median 0.3 -> the rare class 3, the others 1 (none weighted down)
+    assert resolved["weight"] == pytest.approx([1.0, 1.0, 3.0])
+    assert resolve_auto({"name": "nll", "weight": "auto"}, counts, 3)["weight"] == pytest.approx([1.0, 1.0, 3.0])
     assert resolve_auto({"name": "bce", "pos_weight": "auto"}, torch.tensor([900, 100]), 2)["pos_weight"] == [9.0]
     multi = resolve_auto({"name": "bce", "pos_weight": "auto"}, counts, 3)["pos_weight"]
     assert multi == pytest.approx([400 / 600, 700 / 300, 900 / 100])
     assert resolve_auto({"name": "focal", "alpha": "auto", "activation": "sigmoid"}, torch.tensor([900, 100]), 2)["alpha"] == [0.9]
-    assert resolve_auto({"name": "focal", "alpha": "auto"}, counts, 3)["alpha"] == pytest.approx([0.5, 1.0, 3.0])
+    assert resolve_auto({"name": "focal", "alpha": "auto"}, counts, 3)["alpha"] == pytest.approx([0.5, 1.0, 3.0]), "median-frequency"
     nested = {"name": "sum", "terms": {"ce": {"name": "ce", "weight": "auto"}, "dice": {"name": "dice"}},
               "weights": {"ce": 1.0, "dice": 1.0}}
     resolved = resolve_auto(OmegaConf.create(nested), counts, 3)
-    assert resolved["terms"]["ce"]["weight"] == pytest.approx([0.5, 1.0, 3.0])
+    assert resolved["terms"]["ce"]["weight"] == pytest.approx([1.0, 1.0, 3.0])
     assert nested["terms"]["ce"]["weight"] == "auto"  # the input is left alone
     build_loss(**resolved)(*make_input((1, 3, 2, 2), classes=3))
     with pytest.raises(ValueError, match="loss.reduction: auto is not supported"):
@@ -555,8 +556,13 @@ def loss_config(path: Path, ignore_index: int | None) -> dict:
     return with_ignore_index(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ignore_index)
 
 
+def with_auto_resolved(params: dict, num_classes: int) -> dict:
+    """``auto`` parameters (the ce default's weight) replaced as the builder does, from made-up pixel counts."""
+    return resolve_auto(params, torch.arange(1, num_classes + 1) * 100, num_classes)
+
+
 def forward_backward_with_ignored_pixels(params: dict, num_classes: int, spatial: tuple[int, ...]) -> None:
-    loss_fn = build_loss(**params)
+    loss_fn = build_loss(**with_auto_resolved(params, num_classes))
     channels = 1 if loss_fn.sigmoid and num_classes == 2 else num_classes
     logits, target = make_input((2, channels, *spatial), classes=num_classes, seed=3)
     target.view(-1)[::3] = IGNORE
@@ -576,7 +582,7 @@ def test_every_registered_loss_from_its_yaml(name):
     assert params["name"] == name
     for num_classes, spatial in itertools.product([2, 4], [(5, 6), (3, 4, 5)]):
         forward_backward_with_ignored_pixels(params, num_classes, spatial)
-    build_loss(**loss_config(path, None))  # dataset.ignore_index: null
+    build_loss(**with_auto_resolved(loss_config(path, None), 3))  # dataset.ignore_index: null
 
 
 @pytest.mark.parametrize("path", sorted(LOSS_CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
@@ -597,7 +603,8 @@ def test_hydra_selects_each_loss_file(name):
         overrides.append("loss.weights.dice=0.5")
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
-    loss_fn = build_loss(**with_ignore_index(OmegaConf.to_container(cfg.loss, resolve=True), cfg.dataset.ignore_index))
+    params = with_ignore_index(OmegaConf.to_container(cfg.loss, resolve=True), cfg.dataset.ignore_index)
+    loss_fn = build_loss(**with_auto_resolved(params, cfg.dataset.num_classes))
     assert loss_fn.ignore_index == 255
     if name == "ce_dice":
         assert loss_fn.weights == {"ce": 1.0, "dice": 0.5}

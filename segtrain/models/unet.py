@@ -75,6 +75,8 @@ class UNet(nn.Module):
             raise ValueError(f"model.dims={dims}: a UNet is 2D or 3D; use model.dims=2 or model.dims=3")
         if norm not in NORMS:
             raise ValueError(f"model.norm={norm}: unknown normalisation; known: {', '.join(NORMS)}")
+        if isinstance(depth, str):  # model.depth=auto is resolved by segtrain.build.build, from dataset.size
+            raise ValueError(f"model.depth={depth}: building a UNet directly needs a whole number (auto is resolved by segtrain.build.build)")
         if depth < 1 or width < 1:
             raise ValueError(f"model.depth={depth}, model.width={width}: both must be at least 1")
         self.dims, self.depth, self.norm = dims, depth, norm

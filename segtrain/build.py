@@ -175,7 +175,7 @@ def keep_samples(value: Any, datasets: tuple[Dataset, ...], workers: int) -> boo
 
 # model.depth=auto (UNet): the most downsamplings, at most MAX_AUTO_DEPTH, that leave the deepest
 # feature map at least AUTO_DEPTH_MIN_SIDE pixels a side at the training size (benchmarks/README.md,
-# "A depth for the image size").
+# "Rare classes").
 MAX_AUTO_DEPTH = 4
 AUTO_DEPTH_MIN_SIDE = 8
 

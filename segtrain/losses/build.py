@@ -163,9 +163,9 @@ def resolve_auto(params: Mapping[str, Any], class_pixel_counts: Tensor, num_clas
 
     ``class_pixel_counts`` is the int64 count of each class over the training masks
     (ignored pixels left out). Rules (:data:`AUTO_PARAMS`): ``ce``/``nll`` ``weight``:
-    classes rarer than the median up-weighted to its share, the others 1; ``bce`` ``pos_weight``: negatives / positives per output
-    channel; ``focal`` ``alpha``: median-frequency (softmax) or the share of negatives
-    (sigmoid). A sigmoid loss on a two-class dataset has one output channel, so its list
+    classes rarer than the median up-weighted to its share, the others 1; ``bce``
+    ``pos_weight``: negatives / positives per output channel; ``focal`` ``alpha``:
+    median-frequency (softmax) or the share of negatives (sigmoid). A sigmoid loss on a two-class dataset has one output channel, so its list
     has one value (for class 1). Terms of a weighted sum are resolved the same way.
     """
     counts = torch.as_tensor(class_pixel_counts).reshape(-1).double()

@@ -28,7 +28,8 @@ class CrossEntropyLoss(SegLoss):
 
     ``weight`` is a list of C class weights (or ``auto`` resolved from the training
     masks: classes rarer than the median class weighted up to its share, the others 1);
-    a weighted mean divides by the summed weights of the counted pixels, as torch does. Same value and gradient as torch.
+    a weighted mean divides by the summed weights of the counted pixels, as torch does.
+    Same value and gradient as torch.
     """
 
     def __init__(
